@@ -1,0 +1,62 @@
+"""Small helpers shared by the ops: backend resolution and argument checks."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BACKENDS = ("auto", "triton", "torch")
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run through the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def use_triton(device: torch.device, backend: str) -> bool:
+    """Decide whether an op runs its Triton kernel (True) or its PyTorch path (False).
+
+    "auto" picks Triton for CUDA tensors, and for CPU tensors only under the Triton
+    interpreter (that is how CI exercises the kernels).  "triton" insists on it.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    runnable = device.type == "cuda" or (device.type == "cpu" and triton_interpreting())
+    if backend == "triton" and not runnable:
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1; "
+            f"got tensors on {device}")
+    return runnable
+
+
+def host_checks_allowed() -> bool:
+    """Data-dependent checks read tensor values (a host sync).  They are skipped while
+    torch.compile traces or a CUDA graph is being captured, where a sync is illegal."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def check_tensor(name: str, t, *, dtypes=SUPPORTED_DTYPES, ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def check_same_device(**tensors) -> torch.device:
+    devices = {n: t.device for n, t in tensors.items() if t is not None}
+    first = next(iter(devices.values()))
+    for n, d in devices.items():
+        if d != first:
+            listing = ", ".join(f"{k} on {v}" for k, v in devices.items())
+            raise ValueError(f"all tensors must be on one device, got {listing}")
+    return first

@@ -1,0 +1,121 @@
+"""Merge two partial attentions computed over disjoint key sets.
+
+With lse = log(sum exp(scores)) over each key set,
+
+    lse = logaddexp(lse_a, lse_b)
+    out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b
+
+which equals attention over the union of the keys.  This is what lets a KV cache be
+split (resident + spilled), or keys be sharded across devices (context parallelism).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._triton_helpers import round_to_bf16_rne
+from ._utils import check_same_device, check_tensor, use_triton, triton_interpreting
+
+__all__ = ["merge_attention_states"]
+
+
+@triton.jit
+def _merge_states_kernel(
+    OA, LA, OB, LB, OUT, LOUT,
+    stride_ab, stride_as, stride_ah,
+    stride_bb, stride_bs, stride_bh,
+    stride_ob, stride_os, stride_oh,
+    num_heads, seqlen,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    # One program: BLOCK_S rows of one (batch, head).  lse tensors are (B, H, S) contiguous.
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // num_heads).to(tl.int64)
+    off_h = pid_bh % num_heads
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < seqlen
+    tile_ok = s_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+
+    lse_off = pid_bh.to(tl.int64) * seqlen + offs_s
+    la = tl.load(LA + lse_off, mask=s_ok, other=float("-inf"))
+    lb = tl.load(LB + lse_off, mask=s_ok, other=float("-inf"))
+    # Weights relative to the larger lse; a row whose two partials are both empty
+    # (-inf) gets zero weights and lse -inf instead of NaN.
+    m = tl.maximum(la, lb)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    wa = tl.exp(la - m_safe)
+    wb = tl.exp(lb - m_safe)
+    total = wa + wb
+    nonempty = total > 0
+    safe_total = tl.where(nonempty, total, 1.0)
+    lse = tl.where(nonempty, m_safe + tl.log(safe_total), float("-inf"))
+    inv = tl.where(nonempty, 1.0 / safe_total, 0.0)
+
+    a = tl.load(OA + off_b * stride_ab + off_h * stride_ah + offs_s[:, None] * stride_as + offs_d[None, :],
+                mask=tile_ok, other=0.0).to(tl.float32)
+    b = tl.load(OB + off_b * stride_bb + off_h * stride_bh + offs_s[:, None] * stride_bs + offs_d[None, :],
+                mask=tile_ok, other=0.0).to(tl.float32)
+    out = (a * (wa * inv)[:, None] + b * (wb * inv)[:, None])
+    if INTERPRET:  # the interpreter's bf16 cast truncates; round to nearest first
+        if OUT.dtype.element_ty == tl.bfloat16:
+            out = round_to_bf16_rne(out)
+    tl.store(OUT + off_b * stride_ob + off_h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=tile_ok)
+    tl.store(LOUT + lse_off, lse, mask=s_ok)
+
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b, *, layout: str = "bshd", backend: str = "auto"):
+    """Combine two partial attention results over disjoint key sets.
+
+    Arguments:
+        out_a, out_b: (B, S, H, D) (layout "bshd") or (B, H, S, D) ("bhsd"); fp16/bf16/fp32,
+            same shape and dtype.
+        lse_a, lse_b: (B, H, S) fp32 natural-log log-sum-exp, as returned by
+            ``kv_lock_attention(..., return_lse=True)``.  -inf marks an empty partial.
+    Returns:
+        (out, lse): out like out_a (same layout, contiguous), lse (B, H, S) fp32.
+    """
+    for name, t in (("out_a", out_a), ("out_b", out_b)):
+        check_tensor(name, t, ndim=4)
+    for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
+        check_tensor(name, t, dtypes=(torch.float32,), ndim=3)
+    check_same_device(out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
+    if layout not in ("bshd", "bhsd"):
+        raise ValueError(f"layout must be 'bshd' or 'bhsd', got {layout!r}")
+    if out_b.shape != out_a.shape or out_b.dtype != out_a.dtype:
+        raise ValueError(f"out_b must match out_a: shape {tuple(out_a.shape)} dtype {out_a.dtype}, "
+                         f"got {tuple(out_b.shape)} {out_b.dtype}")
+    a = out_a.transpose(1, 2) if layout == "bhsd" else out_a
+    b = out_b.transpose(1, 2) if layout == "bhsd" else out_b
+    B, S, H, D = a.shape
+    for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if tuple(t.shape) != (B, H, S):
+            raise ValueError(f"{name} must have shape (B, H, S)={(B, H, S)}, got {tuple(t.shape)}")
+
+    if not use_triton(a.device, backend):
+        out, lse = reference.merge_attention_states(a, lse_a, b, lse_b)
+        out = out.transpose(1, 2).contiguous() if layout == "bhsd" else out.contiguous()
+        return out, lse
+
+    out = torch.empty_like(out_a, memory_format=torch.contiguous_format)
+    out_v = out.transpose(1, 2) if layout == "bhsd" else out
+    lse = torch.empty(B, H, S, dtype=torch.float32, device=a.device)
+    if S == 0 or B * H == 0:
+        return out, lse
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    b = b if b.stride(-1) == 1 else b.contiguous()
+    block_s = 64 if triton_interpreting() else 32
+    grid = (triton.cdiv(S, block_s), B * H)
+    _merge_states_kernel[grid](
+        a, lse_a.contiguous(), b, lse_b.contiguous(), out_v, lse,
+        a.stride(0), a.stride(1), a.stride(2),
+        b.stride(0), b.stride(1), b.stride(2),
+        out_v.stride(0), out_v.stride(1), out_v.stride(2),
+        H, S, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_S=block_s,
+        INTERPRET=triton_interpreting(),
+    )
+    return out, lse
