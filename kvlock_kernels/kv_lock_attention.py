@@ -75,48 +75,58 @@ def _kv_lock_attn_fwd(
     if INTERPRET:
         q = q.to(tl.float32)
 
-    k_ptrs = K + off_b * stride_kb + off_hkv * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
+    # Row-independent base pointers; tiles are addressed as base + row * stride + d.
+    k_base = K + off_b * stride_kb + off_hkv * stride_kh
+    v_base = V + off_b * stride_vb + off_hkv * stride_vh
     if HAS_LOCK:
-        ks_ptrs = KS + off_b * stride_ksb + off_hkv * stride_ksh + offs_n[:, None] * stride_kss + offs_d[None, :]
-        vs_ptrs = VS + off_b * stride_vsb + off_hkv * stride_vsh + offs_n[:, None] * stride_vss + offs_d[None, :]
-        lock_ptrs = LOCK + off_b * stride_lockb + offs_n * stride_locks
+        ks_base = KS + off_b * stride_ksb + off_hkv * stride_ksh
+        vs_base = VS + off_b * stride_vsb + off_hkv * stride_vsh
+        lock_base = LOCK + off_b * stride_lockb
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     for start_n in range(0, seqlen_kv, BLOCK_N):
-        n_ok = (start_n + offs_n) < seqlen_kv
+        rows = start_n + offs_n
+        n_ok = rows < seqlen_kv
         kv_ok = n_ok[:, None] & d_ok[None, :]
-        # Stage 2: load (and blend) the K/V tiles.
+
+        # Stage 2: classify the block by its lock weights.  Since w is per key row,
+        #   q . (k + w (k_src - k)) = s_new + w (s_src - s_new)
+        #   P (v + w (v_src - v))   = (P (1 - w)) v + (P w) v_src,
+        # so the blend moves onto the tensor cores: a uniform block (w all 0 or all 1,
+        # the common case) is one plain flash-attention step on the tensor it needs,
+        # and only a mixed block reads both tiles and issues two dots each.
+        k_blk = k_base
+        v_blk = v_base
+        stride_kn = stride_ks
+        stride_vn = stride_vs
+        mixed = False
         if HAS_LOCK:
-            w = tl.load(lock_ptrs + start_n * stride_locks, mask=n_ok, other=0.0)
-            # Block-uniform predicates, broadcast to rows (a scalar i1 & tensor mask is
-            # not supported by the interpreter).
+            w = tl.load(lock_base + rows * stride_locks, mask=n_ok, other=0.0)
             w_max = tl.max(w, axis=0)
             w_min = tl.min(tl.where(n_ok, w, 1.0), axis=0)
-            zeros_n = tl.zeros([BLOCK_N], dtype=tl.float32)
-            new_ok = (n_ok & ((zeros_n + w_min) < 1.0))[:, None] & d_ok[None, :]
-            src_ok = (n_ok & ((zeros_n + w_max) > 0.0))[:, None] & d_ok[None, :]
-            k_new = tl.load(k_ptrs + start_n * stride_ks, mask=new_ok, other=0.0).to(tl.float32)
-            k_src = tl.load(ks_ptrs + start_n * stride_kss, mask=src_ok, other=0.0).to(tl.float32)
-            v_new = tl.load(v_ptrs + start_n * stride_vs, mask=new_ok, other=0.0).to(tl.float32)
-            v_src = tl.load(vs_ptrs + start_n * stride_vss, mask=src_ok, other=0.0).to(tl.float32)
-            k = k_new + w[:, None] * (k_src - k_new)
-            v = v_new + w[:, None] * (v_src - v_new)
-            if not INTERPRET:
-                k = k.to(Q.dtype.element_ty)
-                v = v.to(Q.dtype.element_ty)
-        else:
-            k = tl.load(k_ptrs + start_n * stride_ks, mask=kv_ok, other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vs, mask=kv_ok, other=0.0)
-            if INTERPRET:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            mixed = (w_max > 0.0) & (w_min < 1.0)
+            if w_min >= 1.0:  # fully locked block: read the source only
+                k_blk = ks_base
+                v_blk = vs_base
+                stride_kn = stride_kss
+                stride_vn = stride_vss
 
         # Stage 3: scores in base 2 (exp2 is the native instruction), padded keys -inf.
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale_log2
+        k = tl.load(k_blk + rows[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+        if INTERPRET:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        if HAS_LOCK:
+            if mixed:
+                k_src = tl.load(ks_base + rows[:, None] * stride_kss + offs_d[None, :], mask=kv_ok, other=0.0)
+                if INTERPRET:
+                    k_src = k_src.to(tl.float32)
+                qk_src = tl.dot(q, tl.trans(k_src), input_precision=INPUT_PRECISION)
+                qk = qk + w[None, :] * (qk_src - qk)
+        qk = qk * qk_scale_log2
         qk = tl.where(n_ok[None, :], qk, float("-inf"))
 
         # Stage 4: online softmax update, then accumulate P @ V in fp32.
@@ -125,8 +135,18 @@ def _kv_lock_attn_fwd(
         correction = tl.math.exp2(m_i - m_new)
         l_i = l_i * correction + tl.sum(p, axis=1)
         acc = acc * correction[:, None]
+        v = tl.load(v_blk + rows[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
         if INTERPRET:
-            acc = tl.dot(p, v, acc, input_precision=INPUT_PRECISION)
+            v = v.to(tl.float32)
+        if HAS_LOCK:
+            if mixed:
+                v_src = tl.load(vs_base + rows[:, None] * stride_vss + offs_d[None, :], mask=kv_ok, other=0.0)
+                if INTERPRET:
+                    v_src = v_src.to(tl.float32)
+                acc = tl.dot((p * (1.0 - w)[None, :]).to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+                acc = tl.dot((p * w[None, :]).to(v.dtype), v_src, acc, input_precision=INPUT_PRECISION)
+            else:
+                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         else:
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         m_i = m_new
@@ -146,30 +166,43 @@ def _kv_lock_attn_fwd(
 # --------------------------------------------------------------------------------------
 # Configs
 # --------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages).  Head dims up to 128 use the usual
-# FlashAttention-2 tiles (128x64 / 128x128 on sm_80 and sm_90); head dim 256 needs
-# smaller KV tiles to keep Q, two K/V tiles in flight and the accumulator inside
-# the register file and 163 KiB (sm_80) of shared memory.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per GPU family and head-dim tier.  Every
+# entry compiles without register spills (``python -m kvlock_kernels.inspect --all``).
+# Tiles are smaller than plain FlashAttention-2's 128x128 because a mixed block keeps
+# two score tiles and two P tiles live at once; head dim 256 on sm_90 only fits the
+# 32-row mma.sync tile without spilling.
 KERNEL_CONFIGS = {
-    "d<=128": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
-    "d>128": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
+    "sm90": {
+        "d64": [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 8, 2)],
+        "d128": [(128, 32, 8, 3), (64, 32, 4, 3), (64, 32, 8, 2), (64, 16, 4, 2)],
+        "d256": [(32, 32, 4, 2)],
+    },
+    "sm80": {
+        "d64": [(128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 8, 2), (64, 32, 4, 3)],
+        "d128": [(64, 64, 4, 2), (64, 32, 4, 3), (64, 32, 8, 2), (64, 16, 4, 2)],
+        "d256": [(64, 32, 8, 2), (32, 32, 4, 2)],
+    },
 }
 # One config under the interpreter: autotuning there would only multiply test time.
 INTERPRETER_CONFIG = (64, 64, 4, 1)
 
 
-def configs_for_head_dim(head_dim: int):
-    return KERNEL_CONFIGS["d<=128" if triton.next_power_of_2(head_dim) <= 128 else "d>128"]
+def head_dim_tier(head_dim: int) -> str:
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return "d64" if block_d <= 64 else ("d128" if block_d <= 128 else "d256")
+
+
+def configs_for_head_dim(head_dim: int, arch: int | None = None):
+    """Autotune candidates for a head dim on an sm_<arch> GPU (default: the current one)."""
+    if arch is None:
+        major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+        arch = 10 * major + minor
+    return KERNEL_CONFIGS["sm90" if arch >= 90 else "sm80"][head_dim_tier(head_dim)]
 
 
 def _autotune_configs():
-    seen, out = set(), []
-    for group in KERNEL_CONFIGS.values():
-        for bm, bn, w, s in group:
-            if (bm, bn, w, s) not in seen:
-                seen.add((bm, bn, w, s))
-                out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
-    return out
+    unique = sorted({cfg for family in KERNEL_CONFIGS.values() for tier in family.values() for cfg in tier})
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in unique]
 
 
 def _prune_configs(configs, named_args, **kwargs):

@@ -1,0 +1,169 @@
+"""Ahead-of-time GPU readiness report, no GPU needed.
+
+Compiles every kernel configuration for sm_80 (A100) and sm_90 (H100) with Triton's
+own compiler, then reads the cubins with the ``cuobjdump`` / ``nvdisasm`` that ship in
+the Triton wheel:
+
+    registers per thread, stack/local bytes and spill instructions (LDL/STL),
+    shared memory per program, and the tensor-core instruction family in the SASS
+    (HGMMA = Hopper warpgroup MMA; HMMA = Ampere-style mma.sync).
+
+    python -m kvlock_kernels.inspect                 # default configs
+    python -m kvlock_kernels.inspect --all           # every dtype, head dim and config
+
+Exits 1 when any config spills or needs more shared memory than the device has.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+import torch
+
+# Max dynamic shared memory per block (opt-in), bytes.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_HEAD_DIMS = (64, 128)
+ALL_HEAD_DIMS = (64, 72, 80, 96, 128, 256)
+
+
+@dataclass
+class Report:
+    kernel: str
+    arch: int
+    dtype: str
+    head_dim: int
+    config: str
+    registers: int
+    stack_bytes: int
+    spill_instructions: int
+    shared_bytes: int
+    mma: str
+    ok: bool
+    problem: str = ""
+
+
+def _bin(name: str) -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _attention_job(arch, dtype_name, head_dim, config, has_lock=True, store_lse=True):
+    from .kv_lock_attention import _kv_lock_attn_fwd, kernel_constexprs
+    bm, bn, warps, stages = config
+    const = kernel_constexprs(DTYPE_NAMES[dtype_name], head_dim, has_lock=has_lock, store_lse=store_lse)
+    const.update(BLOCK_M=bm, BLOCK_N=bn)
+    ptr = "*" + dtype_name
+    types = {n: ptr for n in ("Q", "K", "V", "KS", "VS", "OUT")}
+    types.update(LOCK="*fp32", LSE="*fp32", qk_scale_log2="fp32")
+    return dict(fn=_kv_lock_attn_fwd, const=const, types=types, warps=warps, stages=stages,
+                pointers=("Q", "K", "V", "KS", "VS", "LOCK", "OUT", "LSE"),
+                config=f"M{bm}/N{bn}/w{warps}/s{stages}")
+
+
+def _merge_job(arch, dtype_name, head_dim, config):
+    import triton
+    from .merge_attention_states import _merge_states_kernel
+    block_s, warps = config
+    const = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                 BLOCK_S=block_s, INTERPRET=False)
+    ptr = "*" + dtype_name
+    types = dict(OA=ptr, OB=ptr, OUT=ptr, LA="*fp32", LB="*fp32", LOUT="*fp32")
+    return dict(fn=_merge_states_kernel, const=const, types=types, warps=warps, stages=1,
+                pointers=tuple(types), config=f"S{block_s}/w{warps}")
+
+
+def compile_and_read(kernel, arch, dtype_name, head_dim, config) -> Report:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    job = (_attention_job if kernel == "kv_lock_attention" else _merge_job)(arch, dtype_name, head_dim, config)
+    fn, const = job["fn"], job["const"]
+    signature = {n: ("constexpr" if n in const else job["types"].get(n, "i32")) for n in fn.arg_names}
+    # Pointers from torch allocations are 16-byte aligned; the launcher passes such tensors.
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in job["pointers"]}
+    compiled = triton.compile(ASTSource(fn, signature, const, attrs), target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=job["warps"], num_stages=job["stages"],
+                                           enable_fp_fusion=True))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_bin("nvdisasm"), f.name], capture_output=True, text=True, check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    spills = len(re.findall(r"\b(?:LDL|STL)\b", sass))
+    static_shared = int(re.search(r"SHARED:(\d+)", usage).group(1))
+    shared = compiled.metadata.shared + static_shared
+    ops = Counter(re.findall(r"\b(HGMMA|HMMA)\b", sass))
+    mma = "+".join(sorted(ops)) or "none"
+    problems = []
+    if stack or local or spills:
+        problems.append(f"spills ({stack + local} B stack/local, {spills} LDL/STL)")
+    if shared > SHARED_LIMIT[arch]:
+        problems.append(f"shared {shared} B > {SHARED_LIMIT[arch]} B")
+    return Report(kernel, arch, dtype_name, head_dim, job["config"], regs, stack + local, spills,
+                  shared, mma, not problems, "; ".join(problems))
+
+
+def default_jobs(all_configs: bool = False, archs=(80, 90)):
+    from .kv_lock_attention import configs_for_head_dim
+    dtypes = ("bf16", "fp16") if all_configs else ("bf16",)
+    head_dims = ALL_HEAD_DIMS if all_configs else DEFAULT_HEAD_DIMS
+    jobs = []
+    for arch in archs:
+        for dt in dtypes:
+            for d in head_dims:
+                for cfg in configs_for_head_dim(d, arch):
+                    jobs.append(("kv_lock_attention", arch, dt, d, cfg))
+            jobs.append(("merge_attention_states", arch, dt, 128, (32, 4)))
+    return jobs
+
+
+def _run(job):
+    return compile_and_read(*job)
+
+
+def format_table(reports) -> str:
+    head = "| kernel | arch | dtype | D | config | regs | spill B | LDL/STL | shared B | MMA | ok |"
+    lines = [head, "|" + "---|" * 11]
+    for r in reports:
+        lines.append(f"| {r.kernel} | sm_{r.arch} | {r.dtype} | {r.head_dim} | {r.config} | {r.registers} | "
+                     f"{r.stack_bytes} | {r.spill_instructions} | {r.shared_bytes} | {r.mma} | "
+                     f"{'yes' if r.ok else 'NO: ' + r.problem} |")
+    return "\n".join(lines)
+
+
+def run(jobs, workers: int | None = None):
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    if workers <= 1:
+        return [_run(j) for j in jobs]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(_run, jobs))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kvlock_kernels.inspect", description=__doc__.split("\n")[0])
+    ap.add_argument("--all", action="store_true", help="every dtype, head dim and autotune config")
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_LIMIT))
+    ap.add_argument("--workers", type=int, default=None)
+    args = ap.parse_args(argv)
+    reports = run(default_jobs(args.all, tuple(args.arch)), args.workers)
+    print(format_table(reports))
+    bad = [r for r in reports if not r.ok]
+    print(f"\n{len(reports) - len(bad)}/{len(reports)} configs ok" + (f"; {len(bad)} failing" if bad else ""))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
