@@ -16,6 +16,7 @@ Exits 1 when any config spills or needs more shared memory than the device has.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import re
 import subprocess
@@ -145,11 +146,16 @@ def format_table(reports) -> str:
 
 
 def run(jobs, workers: int | None = None):
+    """Compile jobs in fresh worker processes.  Workers never run under the Triton
+    interpreter (its kernels cannot be compiled), whatever this process uses."""
     workers = workers or min(len(jobs), os.cpu_count() or 1)
-    if workers <= 1:
-        return [_run(j) for j in jobs]
-    with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(_run, jobs))
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(_run, jobs))
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 def main(argv=None) -> int:

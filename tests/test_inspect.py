@@ -1,5 +1,6 @@
 """The static GPU-readiness report: the default configs compile for sm_80 and sm_90
 without spills, within shared memory, and bf16 head-dim-128 uses HGMMA on sm_90."""
+import os
 import subprocess
 import sys
 
@@ -7,8 +8,9 @@ from kvlock_kernels import inspect as kinspect
 
 
 def test_inspect_default_configs_clean():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "kvlock_kernels.inspect"], capture_output=True, text=True,
-                          timeout=900)
+                          timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| kv_lock_attention")]
     assert len(rows) == len([j for j in kinspect.default_jobs() if j[0] == "kv_lock_attention"])
@@ -18,5 +20,5 @@ def test_inspect_default_configs_clean():
 
 def test_inspect_flags_spills():
     """A deliberately oversized tile must be reported as spilling (the check can fail)."""
-    report = kinspect.compile_and_read("kv_lock_attention", 90, "bf16", 256, (128, 64, 4, 2))
+    (report,) = kinspect.run([("kv_lock_attention", 90, "bf16", 256, (128, 64, 4, 2))])
     assert not report.ok and "spills" in report.problem
