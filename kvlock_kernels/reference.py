@@ -86,12 +86,15 @@ def kv_lock_attention_torch(q, k, v, k_src=None, v_src=None, lock=None, *, softm
                             return_lse: bool = False, query_chunk: int = 1024):
     """Memory-efficient PyTorch path, bshd tensors in, bshd out (+ lse (B, Hq, Sq) fp32).
 
-    The blend runs in fp32 and is cast back to the input dtype (as in the Triton
-    kernel); attention is ``F.scaled_dot_product_attention`` with GQA.  SDPA does
+    The blend is one ``torch.lerp`` in the input dtype (computed in fp32 internally,
+    rounded once; the lock is rounded to the dtype); attention is
+    ``F.scaled_dot_product_attention`` with GQA.  SDPA does
     not return the log-sum-exp, so with ``return_lse`` the attention is computed in
     query chunks of ``query_chunk`` rows: peak extra memory is chunk x Skv per head.
     """
-    k, v = blend_kv(k, v, k_src, v_src, lock, dtype=torch.float32)
+    if lock is not None and k_src is not None:
+        w = _lock_bshd(lock, k.dtype)
+        k, v = torch.lerp(k, k_src, w), torch.lerp(v, v_src, w)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if not return_lse:

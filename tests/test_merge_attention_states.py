@@ -31,7 +31,8 @@ def test_merge_of_two_halves_is_attention_over_the_whole(backend, dtype, layout)
     err = (out_bshd.float() - whole).abs().max().item()
     base = (whole_same.float() - whole).abs().max().item()
     assert err <= 3 * base + ATOL[dtype], (err, base)
-    torch.testing.assert_close(lse, whole_lse, atol=1e-4, rtol=1e-5)
+    # The partial lse come from the bf16 torch path (lock rounded to bf16): 2e-3 there.
+    torch.testing.assert_close(lse, whole_lse, atol=1e-4 if dtype == torch.float32 else 2e-3, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

@@ -1,0 +1,1 @@
+"""Benchmarks and the verification harness (``python -m benchmarks``)."""

@@ -1,0 +1,1 @@
+# Makes `pytest benchmarks/` import the suites as the `benchmarks` package.
