@@ -6,7 +6,8 @@ the Triton wheel:
 
     registers per thread, stack/local bytes and spill instructions (LDL/STL),
     shared memory per program, and the tensor-core instruction family in the SASS
-    (HGMMA = Hopper warpgroup MMA; HMMA = Ampere-style mma.sync).
+    (HGMMA = Hopper warpgroup MMA; HMMA = Ampere-style mma.sync), and the number of
+    asynchronous global->shared copies (LDGSTS / UTMALDG: the loads are pipelined).
 
     python -m kvlock_kernels.inspect                 # default configs
     python -m kvlock_kernels.inspect --all           # every dtype, head dim and config
@@ -47,6 +48,7 @@ class Report:
     spill_instructions: int
     shared_bytes: int
     mma: str
+    async_copies: int
     ok: bool
     problem: str = ""
 
@@ -65,7 +67,7 @@ def _attention_job(arch, dtype_name, head_dim, config, has_lock=True, store_lse=
     types = {n: ptr for n in ("Q", "K", "V", "KS", "VS", "OUT")}
     types.update(LOCK="*fp32", LSE="*fp32", qk_scale_log2="fp32")
     return dict(fn=_kv_lock_attn_fwd, const=const, types=types, warps=warps, stages=stages,
-                pointers=("Q", "K", "V", "KS", "VS", "LOCK", "OUT", "LSE"),
+                pointers=("Q", "K", "V", "KS", "VS", "LOCK", "OUT", "LSE"), unit_strides=("stride_locks",),
                 config=f"M{bm}/N{bn}/w{warps}/s{stages}")
 
 
@@ -87,10 +89,17 @@ def compile_and_read(kernel, arch, dtype_name, head_dim, config) -> Report:
     from triton.compiler import ASTSource
 
     job = (_attention_job if kernel == "kv_lock_attention" else _merge_job)(arch, dtype_name, head_dim, config)
-    fn, const = job["fn"], job["const"]
+    fn = job["fn"]
+    const = dict(job["const"], **{n: 1 for n in job.get("unit_strides", ())})
     signature = {n: ("constexpr" if n in const else job["types"].get(n, "i32")) for n in fn.arg_names}
-    # Pointers from torch allocations are 16-byte aligned; the launcher passes such tensors.
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in job["pointers"]}
+    # Specialise as the JIT does for a contiguous (B, S, H, D) launch: tensors from torch
+    # allocations are 16-byte aligned, batch and sequence strides are multiples of 16
+    # (even head counts), head strides when D is, and unit strides become constants.
+    # Without the stride hints loads cannot be vectorised, so no cp.async pipelining.
+    divisible = list(job["pointers"]) + [
+        n for n in fn.arg_names if n.startswith("stride_") and n not in job.get("unit_strides", ())
+        and (not n.endswith("h") or head_dim % 16 == 0)]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     compiled = triton.compile(ASTSource(fn, signature, const, attrs), target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=job["warps"], num_stages=job["stages"],
                                            enable_fp_fusion=True))
@@ -107,6 +116,7 @@ def compile_and_read(kernel, arch, dtype_name, head_dim, config) -> Report:
     static_shared = int(re.search(r"SHARED:(\d+)", usage).group(1))
     shared = compiled.metadata.shared + static_shared
     ops = Counter(re.findall(r"\b(HGMMA|HMMA)\b", sass))
+    async_copies = len(re.findall(r"\b(?:LDGSTS|UTMALDG)\b", sass))
     mma = "+".join(sorted(ops)) or "none"
     problems = []
     if stack or local or spills:
@@ -114,7 +124,7 @@ def compile_and_read(kernel, arch, dtype_name, head_dim, config) -> Report:
     if shared > SHARED_LIMIT[arch]:
         problems.append(f"shared {shared} B > {SHARED_LIMIT[arch]} B")
     return Report(kernel, arch, dtype_name, head_dim, job["config"], regs, stack + local, spills,
-                  shared, mma, not problems, "; ".join(problems))
+                  shared, mma, async_copies, not problems, "; ".join(problems))
 
 
 def default_jobs(all_configs: bool = False, archs=(80, 90)):
@@ -125,7 +135,7 @@ def default_jobs(all_configs: bool = False, archs=(80, 90)):
     for arch in archs:
         for dt in dtypes:
             for d in head_dims:
-                for cfg in configs_for_head_dim(d, arch):
+                for cfg in configs_for_head_dim(d, arch, aligned=d % 16 == 0):
                     jobs.append(("kv_lock_attention", arch, dt, d, cfg))
             jobs.append(("merge_attention_states", arch, dt, 128, (32, 4)))
     return jobs
@@ -136,11 +146,11 @@ def _run(job):
 
 
 def format_table(reports) -> str:
-    head = "| kernel | arch | dtype | D | config | regs | spill B | LDL/STL | shared B | MMA | ok |"
-    lines = [head, "|" + "---|" * 11]
+    head = "| kernel | arch | dtype | D | config | regs | spill B | LDL/STL | shared B | MMA | cp.async/TMA | ok |"
+    lines = [head, "|" + "---|" * 12]
     for r in reports:
         lines.append(f"| {r.kernel} | sm_{r.arch} | {r.dtype} | {r.head_dim} | {r.config} | {r.registers} | "
-                     f"{r.stack_bytes} | {r.spill_instructions} | {r.shared_bytes} | {r.mma} | "
+                     f"{r.stack_bytes} | {r.spill_instructions} | {r.shared_bytes} | {r.mma} | {r.async_copies} | "
                      f"{'yes' if r.ok else 'NO: ' + r.problem} |")
     return "\n".join(lines)
 

@@ -168,36 +168,49 @@ def _kv_lock_attn_fwd(
 # --------------------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per GPU family and head-dim tier.  Every
 # entry compiles without register spills (``python -m kvlock_kernels.inspect --all``).
-# Tiles are smaller than plain FlashAttention-2's 128x128 because a mixed block keeps
-# two score tiles and two P tiles live at once; head dim 256 on sm_90 only fits the
-# 32-row mma.sync tile without spilling.
+# A mixed block keeps two score tiles and two P tiles live at once, which rules out
+# FlashAttention-2's 128x128 tile at head dim 128 and most tiles at head dim 256.
 KERNEL_CONFIGS = {
     "sm90": {
-        "d64": [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 8, 2)],
-        "d128": [(128, 32, 8, 3), (64, 32, 4, 3), (64, 32, 8, 2), (64, 16, 4, 2)],
-        "d256": [(32, 32, 4, 2)],
+        "d64": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
+        "d128": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
+        "d256": [(64, 16, 4, 2), (32, 32, 4, 2)],
+        # Row strides not multiples of 16 elements (head dim 72 contiguous, say): loads
+        # cannot be vectorised or made asynchronous, so tiles must stay small.
+        "unaligned": [(128, 32, 8, 3), (64, 32, 4, 3), (64, 32, 8, 2)],
     },
     "sm80": {
-        "d64": [(128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 8, 2), (64, 32, 4, 3)],
-        "d128": [(64, 64, 4, 2), (64, 32, 4, 3), (64, 32, 8, 2), (64, 16, 4, 2)],
-        "d256": [(64, 32, 8, 2), (32, 32, 4, 2)],
+        "d64": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
+        "d128": [(64, 64, 4, 2), (64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3), (64, 32, 8, 2)],
+        "d256": [(64, 64, 8, 3), (64, 32, 8, 2), (32, 32, 4, 2)],
+        "unaligned": [(64, 64, 4, 2), (64, 64, 8, 3), (64, 32, 4, 3), (64, 32, 8, 2)],
     },
 }
 # One config under the interpreter: autotuning there would only multiply test time.
 INTERPRETER_CONFIG = (64, 64, 4, 1)
 
 
-def head_dim_tier(head_dim: int) -> str:
+def head_dim_tier(head_dim: int, aligned: bool = True) -> str:
     block_d = max(16, triton.next_power_of_2(head_dim))
-    return "d64" if block_d <= 64 else ("d128" if block_d <= 128 else "d256")
+    if block_d > 128:
+        return "d256"
+    if not aligned:
+        return "unaligned"
+    return "d64" if block_d <= 64 else "d128"
 
 
-def configs_for_head_dim(head_dim: int, arch: int | None = None):
-    """Autotune candidates for a head dim on an sm_<arch> GPU (default: the current one)."""
+def configs_for_head_dim(head_dim: int, arch: int | None = None, aligned: bool = True):
+    """Autotune candidates for a head dim on an sm_<arch> GPU (default: the current one).
+    ``aligned``: every row stride of the launch is a multiple of 16 elements."""
     if arch is None:
         major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
         arch = 10 * major + minor
-    return KERNEL_CONFIGS["sm90" if arch >= 90 else "sm80"][head_dim_tier(head_dim)]
+    return KERNEL_CONFIGS["sm90" if arch >= 90 else "sm80"][head_dim_tier(head_dim, aligned)]
+
+
+_ROW_STRIDES = ("stride_qb", "stride_qs", "stride_qh", "stride_kb", "stride_ks", "stride_kh",
+                "stride_vb", "stride_vs", "stride_vh", "stride_ksb", "stride_kss", "stride_ksh",
+                "stride_vsb", "stride_vss", "stride_vsh", "stride_ob", "stride_os", "stride_oh")
 
 
 def _autotune_configs():
@@ -206,14 +219,17 @@ def _autotune_configs():
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    allowed = set(configs_for_head_dim(kwargs["HEAD_DIM"]))
+    aligned = all(named_args[n] % 16 == 0 for n in _ROW_STRIDES)
+    allowed = set(configs_for_head_dim(kwargs["HEAD_DIM"], aligned=aligned))
     return [c for c in configs
             if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
 
 
 _kv_lock_attn_fwd_tuned = triton.autotune(
     configs=_autotune_configs(),
-    key=["HEAD_DIM", "HAS_LOCK", "STORE_LSE", "seqlen_q", "seqlen_kv"],
+    # The strides decide alignment, hence the candidate set: part of the key.
+    key=["HEAD_DIM", "HAS_LOCK", "STORE_LSE", "seqlen_q", "seqlen_kv", "stride_qs", "stride_qh",
+         "stride_ks", "stride_kh", "stride_kss", "stride_ksh"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_kv_lock_attn_fwd)
 
