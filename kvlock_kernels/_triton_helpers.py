@@ -13,3 +13,13 @@ def round_to_bf16_rne(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits = bits + 0x7FFF + ((bits >> 16) & 1)
     return (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def cast_for_store(x, ptr, INTERPRET: tl.constexpr):
+    """Cast fp32 values to the element type of ``ptr`` with round-to-nearest, also under
+    the interpreter (whose bf16 cast truncates)."""
+    if INTERPRET:
+        if ptr.dtype.element_ty == tl.bfloat16:
+            x = round_to_bf16_rne(x)
+    return x.to(ptr.dtype.element_ty)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._triton_helpers import round_to_bf16_rne
+from ._triton_helpers import cast_for_store
 from ._utils import (check_same_device, check_tensor, host_checks_allowed,
                      triton_interpreting, use_triton)
 
@@ -153,11 +153,8 @@ def _kv_lock_attn_fwd(
 
     # Stage 5: normalise and write; lse back to natural log.
     acc = acc / l_i[:, None]
-    if INTERPRET:
-        if OUT.dtype.element_ty == tl.bfloat16:
-            acc = round_to_bf16_rne(acc)
     o_ptrs = OUT + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(o_ptrs, cast_for_store(acc, OUT, INTERPRET), mask=m_ok[:, None] & d_ok[None, :])
     if STORE_LSE:
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
         tl.store(LSE + pid_bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=m_ok)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._triton_helpers import round_to_bf16_rne
+from ._triton_helpers import cast_for_store
 from ._utils import check_same_device, check_tensor, use_triton, triton_interpreting
 
 __all__ = ["merge_attention_states"]
@@ -60,11 +60,8 @@ def _merge_states_kernel(
     b = tl.load(OB + off_b * stride_bb + off_h * stride_bh + offs_s[:, None] * stride_bs + offs_d[None, :],
                 mask=tile_ok, other=0.0).to(tl.float32)
     out = (a * (wa * inv)[:, None] + b * (wb * inv)[:, None])
-    if INTERPRET:  # the interpreter's bf16 cast truncates; round to nearest first
-        if OUT.dtype.element_ty == tl.bfloat16:
-            out = round_to_bf16_rne(out)
     tl.store(OUT + off_b * stride_ob + off_h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
-             out.to(OUT.dtype.element_ty), mask=tile_ok)
+             cast_for_store(out, OUT, INTERPRET), mask=tile_ok)
     tl.store(LOUT + lse_off, lse, mask=s_ok)
 
 

@@ -1,0 +1,147 @@
+"""Per-token variance across stacked predictions: the hallucination signal of KV-Lock.
+
+    x: (N, B, C, *spatial)   N >= 2 stacked predictions (CFG branches, or a window of
+                             x0-hat history)
+    var_map[b, s]  = mean_c var_n(x[:, b, c, s])           (with ``correction``)
+    masked_mean[b] = mean of var_map[b] over positions where mask != 0
+
+One read of x: each program owns a block of spatial positions of one sample, walks the
+channels and the N predictions accumulating sums of x_n - x_0 (shifted by the first
+prediction: stable for large means, unlike a raw sum of squares), writes its var_map block and a partial masked sum and count.  The
+partials are reduced in a fixed order afterwards, so the result is deterministic.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._utils import check_same_device, check_tensor, triton_interpreting, use_triton
+
+__all__ = ["branch_variance"]
+
+
+@triton.jit
+def _branch_variance_kernel(
+    X, MASK, VAR, PART_SUM, PART_CNT,
+    stride_n, stride_b, stride_c, stride_mask_b,
+    num_positions, num_channels, num_preds, inv_preds, inv_dof, inv_channels, num_blocks,
+    HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    offs = pid_p * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < num_positions
+
+    # Pointer increments keep every offset 64-bit (x can exceed 2**31 elements).
+    chan_ptr = X + pid_b.to(tl.int64) * stride_b + offs
+    m2_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    for _c in range(num_channels):
+        # Shifted sums: d = x_n - x_0 is exact in fp32 when the predictions are close
+        # (Sterbenz), so large means cost no precision, unlike a raw sum of squares.
+        shift = tl.load(chan_ptr, mask=ok, other=0.0).to(tl.float32)
+        pred_ptr = chan_ptr + stride_n
+        s1 = tl.zeros([BLOCK], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK], dtype=tl.float32)
+        for _n in range(1, num_preds):
+            d = tl.load(pred_ptr, mask=ok, other=0.0).to(tl.float32) - shift
+            s1 += d
+            s2 += d * d
+            pred_ptr += stride_n
+        m2_sum += tl.maximum(s2 - s1 * s1 * inv_preds, 0.0)
+        chan_ptr += stride_c
+    var = m2_sum * inv_dof * inv_channels
+    tl.store(VAR + pid_b.to(tl.int64) * num_positions + offs, var, mask=ok)
+
+    # Partial masked sum/count of this block; reduced in a fixed order by the launcher.
+    if HAS_MASK:
+        m = tl.load(MASK + pid_b.to(tl.int64) * stride_mask_b + offs, mask=ok, other=0)
+        sel = ok & (m != 0)
+    else:
+        sel = ok
+    part = pid_b * num_blocks + pid_p
+    tl.store(PART_SUM + part, tl.sum(tl.where(sel, var, 0.0), axis=0))
+    tl.store(PART_CNT + part, tl.sum(sel.to(tl.float32), axis=0))
+
+
+def _check_args(x, mask, correction):
+    check_tensor("x", x)
+    if x.dim() < 3:
+        raise ValueError(f"x must be (N, B, C, *spatial) with at least 3 dims, got shape {tuple(x.shape)}")
+    if x.shape[0] < 2:
+        raise ValueError(f"x must stack N >= 2 predictions along dim 0, got N={x.shape[0]}")
+    if isinstance(correction, bool) or not isinstance(correction, int) or not 0 <= correction < x.shape[0]:
+        raise ValueError(f"correction must be an int in [0, N) with N={x.shape[0]}, got {correction!r}")
+    if mask is not None:
+        check_tensor("mask", mask, dtypes=None)
+        spatial = tuple(x.shape[3:])
+        B = x.shape[1]
+        if tuple(mask.shape[1:]) != spatial or mask.shape[0] not in (1, B):
+            raise ValueError(f"mask must have shape (B or 1, *spatial) = ({B} or 1, "
+                             f"{', '.join(map(str, spatial))}), got {tuple(mask.shape)}")
+        check_same_device(x=x, mask=mask)
+
+
+def branch_variance(x: torch.Tensor, *, mask: Optional[torch.Tensor] = None, correction: int = 1,
+                    backend: str = "auto"):
+    """Variance across stacked predictions, averaged over channels, and its masked mean.
+
+    Arguments:
+        x: (N, B, C, *spatial), fp16/bf16/fp32, N >= 2.
+        mask: (B, *spatial) or (1, *spatial), any dtype; positions where it is nonzero
+            count for masked_mean.  None: all positions.
+        correction: degrees-of-freedom correction of the variance (1: unbiased), < N.
+    Returns:
+        var_map: (B, *spatial) fp32.
+        masked_mean: (B,) fp32; 0 for a sample whose mask is empty (never NaN).
+    """
+    _check_args(x, mask, correction)
+    use_triton(x.device, backend)  # an impossible backend raises here, before the op
+    return _branch_variance_op(x, mask, correction, backend)
+
+
+@torch.library.custom_op("kvlock_kernels::branch_variance", mutates_args=())
+def _branch_variance_op(x: torch.Tensor, mask: Optional[torch.Tensor], correction: int,
+                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not use_triton(x.device, backend):
+        var_map, mean = reference.branch_variance(x, mask=mask, correction=correction)
+        return var_map.contiguous(), mean
+    N, B, C = x.shape[:3]
+    spatial = tuple(x.shape[3:])
+    P = 1
+    for s in spatial:
+        P *= s
+    xv = x.reshape(N, B, C, P)
+    if P > 0 and xv.stride(3) != 1:
+        xv = xv.contiguous()
+    var = torch.empty(B, P, dtype=torch.float32, device=x.device)
+    block = 1024
+    num_blocks = max(1, triton.cdiv(P, block))
+    part_sum = torch.zeros(B, num_blocks, dtype=torch.float32, device=x.device)
+    part_cnt = torch.zeros(B, num_blocks, dtype=torch.float32, device=x.device)
+    if mask is not None:
+        mv = mask.reshape(mask.shape[0], P)
+        mv = mv.view(torch.uint8) if mv.dtype == torch.bool else mv
+        mv = mv if mv.stride(-1) == 1 else mv.contiguous()
+        mask_stride_b = mv.stride(0) if mv.shape[0] > 1 else 0
+    else:
+        mv, mask_stride_b = var, 0  # placeholder, never read (HAS_MASK is a constexpr)
+    if P > 0 and B > 0:
+        _branch_variance_kernel[(num_blocks, B)](
+            xv, mv, var, part_sum, part_cnt,
+            xv.stride(0), xv.stride(1), xv.stride(2), mask_stride_b,
+            P, C, N, 1.0 / N, 1.0 / (N - correction), 1.0 / C if C else 0.0, num_blocks,
+            HAS_MASK=mask is not None, BLOCK=block, num_warps=4,
+        )
+    total, count = part_sum.sum(dim=1), part_cnt.sum(dim=1)
+    masked_mean = torch.where(count > 0, total / count.clamp_min(1.0), torch.zeros_like(total))
+    return var.reshape(B, *spatial), masked_mean
+
+
+@_branch_variance_op.register_fake
+def _(x, mask, correction, backend):
+    return (x.new_empty(x.shape[1], *x.shape[3:], dtype=torch.float32),
+            x.new_empty(x.shape[1], dtype=torch.float32))

@@ -1,0 +1,81 @@
+"""CFG-Zero* scale: the projection of the conditional prediction on the unconditional.
+
+    s*[b] = <v_cond[b], v_uncond[b]> / (||v_uncond[b]||^2 + eps)
+
+One read of both inputs: each program reduces a block of one sample to a partial dot
+product and squared norm (fp32); the partials are summed in a fixed order afterwards,
+so the result has the same bits on every run (no float atomics).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._utils import check_same_device, check_tensor, use_triton
+
+__all__ = ["cfg_zero_star_scale"]
+
+
+@triton.jit
+def _dot_and_norm_kernel(VC, VU, PART_DOT, PART_NORM, numel_per_sample, num_blocks, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel_per_sample
+    vc = tl.load(VC + b * numel_per_sample + offs, mask=ok, other=0.0).to(tl.float32)
+    vu = tl.load(VU + b * numel_per_sample + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(PART_DOT + b * num_blocks + pid, tl.sum(vc * vu, axis=0))
+    tl.store(PART_NORM + b * num_blocks + pid, tl.sum(vu * vu, axis=0))
+
+
+def check_prediction_pair(v_cond, v_uncond):
+    """Shared checks of a (conditional, unconditional) prediction pair."""
+    check_tensor("v_cond", v_cond)
+    check_tensor("v_uncond", v_uncond)
+    if v_cond.shape != v_uncond.shape or v_cond.dtype != v_uncond.dtype:
+        raise ValueError(f"v_uncond must match v_cond: shape {tuple(v_cond.shape)} dtype {v_cond.dtype}, "
+                         f"got {tuple(v_uncond.shape)} {v_uncond.dtype}")
+    if v_cond.dim() < 1:
+        raise ValueError("v_cond must have a batch dimension (B, ...)")
+    check_same_device(v_cond=v_cond, v_uncond=v_uncond)
+
+
+def cfg_zero_star_scale(v_cond: torch.Tensor, v_uncond: torch.Tensor, eps: float = 1e-8, *,
+                        backend: str = "auto") -> torch.Tensor:
+    """Per-sample CFG-Zero* scale.
+
+    Arguments:
+        v_cond, v_uncond: (B, ...) conditional / unconditional predictions, same shape
+            and dtype (fp16/bf16/fp32).
+        eps: added to the squared norm.
+    Returns:
+        s_star: (B,) fp32, deterministic.
+    """
+    check_prediction_pair(v_cond, v_uncond)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    use_triton(v_cond.device, backend)  # an impossible backend raises here, before the op
+    return _cfg_zero_star_op(v_cond, v_uncond, float(eps), backend)
+
+
+@torch.library.custom_op("kvlock_kernels::cfg_zero_star_scale", mutates_args=())
+def _cfg_zero_star_op(v_cond: torch.Tensor, v_uncond: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
+    if not use_triton(v_cond.device, backend):
+        return reference.cfg_zero_star_scale(v_cond, v_uncond, eps)
+    B = v_cond.shape[0]
+    vc, vu = v_cond.reshape(B, -1).contiguous(), v_uncond.reshape(B, -1).contiguous()
+    L = vc.shape[1]
+    block = 4096
+    num_blocks = max(1, triton.cdiv(L, block))
+    part_dot = torch.zeros(B, num_blocks, dtype=torch.float32, device=vc.device)
+    part_norm = torch.zeros(B, num_blocks, dtype=torch.float32, device=vc.device)
+    if L > 0 and B > 0:
+        _dot_and_norm_kernel[(num_blocks, B)](vc, vu, part_dot, part_norm, L, num_blocks, BLOCK=block, num_warps=8)
+    return part_dot.sum(dim=1) / (part_norm.sum(dim=1) + eps)
+
+
+@_cfg_zero_star_op.register_fake
+def _(v_cond, v_uncond, eps, backend):
+    return v_cond.new_empty(v_cond.shape[0], dtype=torch.float32)

@@ -1,0 +1,172 @@
+"""KV-Lock guidance: CFG with the CFG-Zero* scale, fused with the x0-hat prediction.
+
+    guided = (1 - omega) * s * v_uncond + omega * v_cond        s = s* (or 1: classic CFG)
+    x0_hat = latents - sigma * guided                           (flow matching)
+
+One elementwise pass: each input is read once, each output written once; omega, s and
+sigma are per-sample scalars read from device tensors (or passed as Python floats), so
+a scheduler's device-side omega never goes through the host.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._triton_helpers import cast_for_store
+from ._utils import check_same_device, check_tensor, host_checks_allowed, triton_interpreting, use_triton
+from .cfg_zero_star_scale import check_prediction_pair
+
+__all__ = ["kvlock_guidance"]
+
+
+@triton.jit
+def _load_per_sample(ptr, value, b, stride, IS_TENSOR: tl.constexpr):
+    if IS_TENSOR:
+        return tl.load(ptr + b * stride).to(tl.float32)
+    return value
+
+
+@triton.jit
+def _guidance_kernel(
+    VC, VU, LAT, GUIDED, X0,
+    OMEGA_PTR, omega_value, stride_omega,
+    S_PTR, stride_s,
+    SIGMA_PTR, sigma_value, stride_sigma,
+    numel_per_sample,
+    OMEGA_IS_TENSOR: tl.constexpr, HAS_S: tl.constexpr, SIGMA_IS_TENSOR: tl.constexpr,
+    WITH_X0: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel_per_sample
+    base = b.to(tl.int64) * numel_per_sample
+
+    # Per-sample scalars: device tensors (stride 0 for a shared one) or kernel arguments.
+    omega = _load_per_sample(OMEGA_PTR, omega_value, b, stride_omega, OMEGA_IS_TENSOR)
+    uncond_w = 1.0 - omega
+    if HAS_S:
+        uncond_w = uncond_w * tl.load(S_PTR + b * stride_s).to(tl.float32)
+
+    vc = tl.load(VC + base + offs, mask=ok, other=0.0).to(tl.float32)
+    vu = tl.load(VU + base + offs, mask=ok, other=0.0).to(tl.float32)
+    guided = uncond_w * vu + omega * vc
+    tl.store(GUIDED + base + offs, cast_for_store(guided, GUIDED, INTERPRET), mask=ok)
+    if WITH_X0:
+        sigma = _load_per_sample(SIGMA_PTR, sigma_value, b, stride_sigma, SIGMA_IS_TENSOR)
+        lat = tl.load(LAT + base + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(X0 + base + offs, cast_for_store(lat - sigma * guided, X0, INTERPRET), mask=ok)
+
+
+def _scalar_or_tensor(name, value, batch, device, *, check_values, allow_negative):
+    """Normalise a per-sample control: a Python number, or a tensor of shape () or (B,)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a float or a tensor, got bool")
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        if math.isnan(value) or (not allow_negative and value < 0):
+            raise ValueError(f"{name} must be a non-negative number (not NaN), got {value}")
+        return None, value
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a float or a tensor of shape () or (B,), got {type(value).__name__}")
+    if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
+        raise ValueError(f"{name} must have shape () or (B,) = ({batch},), got {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but v_cond is on {device}")
+    if check_values and host_checks_allowed():
+        bad = torch.isnan(value) if allow_negative else ~(value >= 0)
+        if bool(bad.any()):
+            raise ValueError(f"{name} must be non-negative and not NaN, got {value.tolist()}")
+    return value.reshape(-1), 0.0
+
+
+def kvlock_guidance(v_cond: torch.Tensor, v_uncond: torch.Tensor, omega, *,
+                    s_star: Optional[torch.Tensor] = None, latents: Optional[torch.Tensor] = None,
+                    sigma=None, backend: str = "auto", check_inputs: bool = True):
+    """Guided velocity, and optionally the flow-matching x0 prediction, in one pass.
+
+    Arguments:
+        v_cond, v_uncond: (B, ...) conditional / unconditional velocity predictions,
+            same shape and dtype (fp16/bf16/fp32).
+        omega: guidance scale, >= 0: a float, or a tensor of shape () or (B,) (stays on
+            the device: no host sync).
+        s_star: (B,) CFG-Zero* scale (``cfg_zero_star_scale``); None means 1 (classic CFG).
+        latents: (B, ...) the current noisy latents z_t, same shape as v_cond.
+        sigma: the noise level of z_t: a float, or a tensor of shape () or (B,).  Given
+            together with latents.
+        check_inputs: check omega is non-negative and not NaN when it is a tensor (one
+            host read; skipped under torch.compile and CUDA-graph capture).
+    Returns:
+        guided (v's dtype), or (guided, x0_hat) with x0_hat in latents' dtype.
+    """
+    check_prediction_pair(v_cond, v_uncond)
+    B = v_cond.shape[0]
+    dev = v_cond.device
+    omega_t, omega_v = _scalar_or_tensor("omega", omega, B, dev, check_values=check_inputs, allow_negative=False)
+    if s_star is not None:
+        check_tensor("s_star", s_star, dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16))
+        if tuple(s_star.shape) != (B,):
+            raise ValueError(f"s_star must have shape (B,) = ({B},), got {tuple(s_star.shape)}")
+        check_same_device(s_star=s_star, v_cond=v_cond)
+    if (latents is None) != (sigma is None):
+        raise ValueError("latents and sigma must be given together")
+    if latents is not None:
+        check_tensor("latents", latents)
+        if latents.shape != v_cond.shape:
+            raise ValueError(f"latents must have v_cond's shape {tuple(v_cond.shape)}, got {tuple(latents.shape)}")
+        check_same_device(latents=latents, v_cond=v_cond)
+        sigma_t, sigma_v = _scalar_or_tensor("sigma", sigma, B, dev, check_values=check_inputs,
+                                             allow_negative=False)
+
+    if latents is None:
+        sigma_t, sigma_v = None, 0.0
+    use_triton(dev, backend)  # an impossible backend raises here, before the op
+    guided, x0 = _guidance_op(v_cond, v_uncond, omega_t, omega_v, s_star, latents, sigma_t, sigma_v, backend)
+    return guided if latents is None else (guided, x0)
+
+
+@torch.library.custom_op("kvlock_kernels::kvlock_guidance", mutates_args=())
+def _guidance_op(v_cond: torch.Tensor, v_uncond: torch.Tensor, omega_t: Optional[torch.Tensor], omega_v: float,
+                 s_star: Optional[torch.Tensor], latents: Optional[torch.Tensor], sigma_t: Optional[torch.Tensor],
+                 sigma_v: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (guided, x0_hat); x0_hat is an empty tensor without latents."""
+    with_x0 = latents is not None
+    if not use_triton(v_cond.device, backend):
+        res = reference.kvlock_guidance(v_cond, v_uncond, omega_t if omega_t is not None else omega_v,
+                                        s_star=s_star, latents=latents,
+                                        sigma=(sigma_t if sigma_t is not None else sigma_v) if with_x0 else None)
+        return res if with_x0 else (res, v_cond.new_empty(0))
+    B = v_cond.shape[0]
+    vc, vu = v_cond.contiguous(), v_uncond.contiguous()
+    guided = torch.empty_like(vc)
+    L = vc[0].numel() if B else 0
+    lat = latents.contiguous() if with_x0 else vc
+    x0 = torch.empty_like(lat) if with_x0 else vc.new_empty(0)
+    block = 1024
+    if L > 0:
+        _guidance_kernel[(triton.cdiv(L, block), B)](
+            vc, vu, lat, guided, x0 if with_x0 else guided,
+            omega_t if omega_t is not None else vc, omega_v, 1 if omega_t is not None and omega_t.numel() > 1 else 0,
+            s_star if s_star is not None else vc, s_star.stride(0) if s_star is not None else 0,
+            sigma_t if sigma_t is not None else vc, sigma_v,
+            1 if sigma_t is not None and sigma_t.numel() > 1 else 0,
+            L,
+            OMEGA_IS_TENSOR=omega_t is not None, HAS_S=s_star is not None, SIGMA_IS_TENSOR=sigma_t is not None,
+            WITH_X0=with_x0, BLOCK=block, INTERPRET=triton_interpreting(), num_warps=4,
+        )
+    return guided, x0
+
+
+@_guidance_op.register_fake
+def _(v_cond, v_uncond, omega_t, omega_v, s_star, latents, sigma_t, sigma_v, backend):
+    x0 = torch.empty_like(latents, memory_format=torch.contiguous_format) if latents is not None \
+        else v_cond.new_empty(0)
+    return torch.empty_like(v_cond, memory_format=torch.contiguous_format), x0

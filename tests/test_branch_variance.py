@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+import torch
+
+from kvlock_kernels import branch_variance, reference
+
+
+def torch_formula(x, mask, correction):
+    """Independent formula: torch.var over N, channel mean, masked mean by hand."""
+    var_map = torch.var(x.double(), dim=0, correction=correction).mean(dim=1)
+    if mask is None:
+        return var_map, var_map.flatten(1).mean(1)
+    sel = (mask != 0).expand_as(var_map).flatten(1).double()
+    count = sel.sum(1)
+    mean = (var_map.flatten(1) * sel).sum(1) / count.clamp_min(1)
+    return var_map, torch.where(count > 0, mean, torch.zeros_like(mean))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("N, shape", [(2, (2, 16, 3, 10, 13)), (10, (1, 4, 5, 6, 7)), (3, (3, 2, 1100))])
+@pytest.mark.parametrize("mask_kind", ["none", "per_sample", "shared"])
+def test_matches_formula(backend, N, shape, mask_kind):
+    x = torch.randn(N, *shape)
+    B, spatial = shape[0], shape[2:]
+    mask = {"none": None,
+            "per_sample": torch.rand(B, *spatial) > 0.6,
+            "shared": (torch.rand(1, *spatial) > 0.3).float()}[mask_kind]
+    var_map, mean = branch_variance(x, mask=mask, backend=backend)
+    ref_map, ref_mean = torch_formula(x, mask, 1)
+    assert var_map.dtype == torch.float32 and var_map.shape == (B, *spatial) and mean.shape == (B,)
+    torch.testing.assert_close(var_map.double(), ref_map, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("correction", [0, 1, 2])
+def test_correction(correction):
+    x = torch.randn(4, 2, 3, 50)
+    var_map, _ = branch_variance(x, correction=correction, backend="triton")
+    torch.testing.assert_close(var_map.double(), torch_formula(x, None, correction)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_accumulate_in_fp32(dtype):
+    x = torch.randn(5, 2, 4, 300).to(dtype)
+    var_map, mean = branch_variance(x, backend="triton")
+    ref_map, ref_mean = torch_formula(x.float(), None, 1)  # same rounded inputs, exact math
+    torch.testing.assert_close(var_map.double(), ref_map, rtol=1e-5, atol=1e-6)
+
+
+def test_stable_for_large_means():
+    """x0-hat values far from zero with tiny spread: a sum of squares in fp32 cancels
+    catastrophically (and even goes negative); Welford keeps the variance."""
+    torch.manual_seed(0)
+    x = 3000.0 + 1e-2 * torch.randn(10, 2, 4, 500, dtype=torch.float64)
+    var_map, _ = branch_variance(x.float(), backend="triton")
+    exact = np.var(x.float().double().numpy(), axis=0, ddof=1).mean(axis=1)
+    rel = (var_map.double().numpy() - exact) / exact
+    assert np.abs(rel).max() < 1e-3
+    naive = ((x.float() ** 2).mean(0) - x.float().mean(0) ** 2).mean(1) * 10 / 9
+    assert (naive.double().numpy() - exact).__abs__().max() / exact.max() > 1.0  # the trap is real
+
+
+def test_empty_mask_gives_zero_not_nan():
+    x = torch.randn(2, 3, 2, 5, 5)
+    mask = torch.zeros(3, 5, 5, dtype=torch.bool)
+    mask[1, 2, 2] = True
+    for backend in ("triton", "torch"):
+        _, mean = branch_variance(x, mask=mask, backend=backend)
+        assert mean[0] == 0 and mean[2] == 0 and torch.isfinite(mean).all() and mean[1] > 0
+
+
+def test_deterministic_bits():
+    x = torch.randn(3, 2, 4, 5000)
+    a = branch_variance(x, backend="triton")[1]
+    b = branch_variance(x, backend="triton")[1]
+    assert torch.equal(a, b)
+
+
+def test_reference_matches_formula():
+    x = torch.randn(3, 2, 4, 6, 7)
+    mask = torch.rand(2, 6, 7) > 0.5
+    ref_map, ref_mean = reference.branch_variance(x, mask=mask)
+    f_map, f_mean = torch_formula(x, mask, 1)
+    torch.testing.assert_close(ref_map.double(), f_map)
+    torch.testing.assert_close(ref_mean.double(), f_mean)
+
+
+def test_compiles_fullgraph():
+    x = torch.randn(3, 2, 4, 6, 7)
+    mask = torch.rand(1, 6, 7) > 0.5
+    fn = torch.compile(lambda x, m: branch_variance(x, mask=m)[1] * 2, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(x, mask), 2 * reference.branch_variance(x, mask=mask)[1])
+
+
+@pytest.mark.parametrize("kwargs, exc, msg", [
+    (dict(x=torch.randn(1, 2, 3, 4)), ValueError, "N >= 2"),
+    (dict(x=torch.randn(2, 3)), ValueError, "at least 3 dims"),
+    (dict(x=torch.randn(2, 2, 3, 4, 5), mask=torch.ones(2, 4, 6)), ValueError, "mask must have shape"),
+    (dict(x=torch.randn(2, 2, 3, 4, 5), mask=torch.ones(3, 4, 5)), ValueError, "mask must have shape"),
+    (dict(x=torch.randn(2, 2, 3, 4), correction=2), ValueError, "correction must be an int in"),
+    (dict(x=torch.randn(2, 2, 3, 4).double()), TypeError, "x must have dtype"),
+    (dict(x=torch.randn(2, 2, 3, 4), mask=torch.ones(2, 4, device="meta")), ValueError, "one device"),
+])
+def test_bad_input(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        branch_variance(**kwargs)
