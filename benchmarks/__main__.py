@@ -29,6 +29,8 @@ from kvlock_kernels import kv_lock_attention, reference  # noqa: E402
 
 from .common import (WAN_1_3B, WAN_1_3B_CPU, WAN_1_3B_CPU_QUICK, WAN_INTERP, bytes_model,  # noqa: E402
                      make_attention_inputs, time_fn)
+from .control_ops import (SMALL_LATENT, WAN_LATENT, bytes_moved, check_control_ops,  # noqa: E402
+                          fused_calls, make_control_inputs)
 
 
 def check_attention(shape, dtype, device, backend) -> tuple[bool, str]:
@@ -74,6 +76,36 @@ def providers(device):
     except Exception:
         rows.append(("flash-attn, no blend", None))
     return rows
+
+
+def control_ops_section(device, quick) -> bool:
+    """Correctness and timing of the per-step control ops at Wan2.1-1.3B latent size."""
+    cuda = device.type == "cuda"
+    check_shape = WAN_LATENT if cuda else SMALL_LATENT
+    print(f"\n## control ops: correctness vs reference (latents {check_shape}, bf16; "
+          f"{'Triton' if cuda else 'Triton through the interpreter'})")
+    ok = True
+    for name, passed, msg in check_control_ops(make_control_inputs(check_shape, device), "triton"):
+        print(f"- {name}: {msg}: {'PASS' if passed else 'FAIL'}")
+        ok = ok and passed
+    unit = "GPU ms (CUDA events)" if cuda else "CPU ms (wall clock; not a GPU prediction)"
+    print(f"\n## control ops: timing at Wan2.1-1.3B latent size {WAN_LATENT}, bf16\n")
+    t = make_control_inputs(WAN_LATENT, device)
+    model = bytes_moved(WAN_LATENT)
+    repeats = 3 if (quick or not cuda) else 20
+    ours = "Triton kernel" if cuda else "kvlock_kernels, torch path (Triton unavailable on CPU)"
+    print(f"{unit}\n")
+    print(f"| op | {ours} | eager PyTorch sequence | eager / ours | bytes model: eager / fused kernel |")
+    print("|---|---|---|---|---|")
+    for name, (fused, eager) in fused_calls("triton" if cuda else "torch").items():
+        eager_ms = time_fn(lambda: eager(t), warmup=1, repeats=repeats, device=device)[0]
+        fused_ms = time_fn(lambda: fused(t), warmup=1, repeats=repeats, device=device)[0]
+        fused_b, eager_b = model[name]
+        print(f"| {name} | {fused_ms:.3f} | {eager_ms:.3f} | {eager_ms / fused_ms:.2f}x | {eager_b / fused_b:.2f}x |")
+    if not cuda:
+        print("\nOn CPU the control kernels run only in the interpreter; the bytes model is the GPU prediction "
+              "(these ops are bandwidth-bound).")
+    return ok
 
 
 def main(argv=None) -> int:
@@ -124,6 +156,7 @@ def main(argv=None) -> int:
     if not HAS_CUDA:
         print("On CPU the fused Triton kernel only runs in the interpreter (correctness, not speed); "
               "the bytes model is the only prediction of the GPU gain.")
+    ok = control_ops_section(device, args.quick) and ok
     print(f"\nresult: {'all checks passed' if ok else 'CHECK FAILED'}")
     return 0 if ok else 1
 

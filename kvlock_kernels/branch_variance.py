@@ -23,6 +23,9 @@ from ._utils import check_same_device, check_tensor, triton_interpreting, use_tr
 
 __all__ = ["branch_variance"]
 
+# (BLOCK positions per program, num_warps): also what `inspect` compiles.
+LAUNCH_CONFIG = (1024, 4)
+
 
 @triton.jit
 def _branch_variance_kernel(
@@ -118,7 +121,7 @@ def _branch_variance_op(x: torch.Tensor, mask: Optional[torch.Tensor], correctio
     if P > 0 and xv.stride(3) != 1:
         xv = xv.contiguous()
     var = torch.empty(B, P, dtype=torch.float32, device=x.device)
-    block = 1024
+    block, warps = LAUNCH_CONFIG
     num_blocks = max(1, triton.cdiv(P, block))
     part_sum = torch.zeros(B, num_blocks, dtype=torch.float32, device=x.device)
     part_cnt = torch.zeros(B, num_blocks, dtype=torch.float32, device=x.device)
@@ -134,7 +137,7 @@ def _branch_variance_op(x: torch.Tensor, mask: Optional[torch.Tensor], correctio
             xv, mv, var, part_sum, part_cnt,
             xv.stride(0), xv.stride(1), xv.stride(2), mask_stride_b,
             P, C, N, 1.0 / N, 1.0 / (N - correction), 1.0 / C if C else 0.0, num_blocks,
-            HAS_MASK=mask is not None, BLOCK=block, num_warps=4,
+            HAS_MASK=mask is not None, BLOCK=block, num_warps=warps,
         )
     total, count = part_sum.sum(dim=1), part_cnt.sum(dim=1)
     masked_mean = torch.where(count > 0, total / count.clamp_min(1.0), torch.zeros_like(total))

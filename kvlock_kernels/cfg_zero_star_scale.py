@@ -17,6 +17,9 @@ from ._utils import check_same_device, check_tensor, use_triton
 
 __all__ = ["cfg_zero_star_scale"]
 
+# (BLOCK elements per program, num_warps): also what `inspect` compiles.
+LAUNCH_CONFIG = (4096, 8)
+
 
 @triton.jit
 def _dot_and_norm_kernel(VC, VU, PART_DOT, PART_NORM, numel_per_sample, num_blocks, BLOCK: tl.constexpr):
@@ -67,12 +70,12 @@ def _cfg_zero_star_op(v_cond: torch.Tensor, v_uncond: torch.Tensor, eps: float, 
     B = v_cond.shape[0]
     vc, vu = v_cond.reshape(B, -1).contiguous(), v_uncond.reshape(B, -1).contiguous()
     L = vc.shape[1]
-    block = 4096
+    block, warps = LAUNCH_CONFIG
     num_blocks = max(1, triton.cdiv(L, block))
     part_dot = torch.zeros(B, num_blocks, dtype=torch.float32, device=vc.device)
     part_norm = torch.zeros(B, num_blocks, dtype=torch.float32, device=vc.device)
     if L > 0 and B > 0:
-        _dot_and_norm_kernel[(num_blocks, B)](vc, vu, part_dot, part_norm, L, num_blocks, BLOCK=block, num_warps=8)
+        _dot_and_norm_kernel[(num_blocks, B)](vc, vu, part_dot, part_norm, L, num_blocks, BLOCK=block, num_warps=warps)
     return part_dot.sum(dim=1) / (part_norm.sum(dim=1) + eps)
 
 

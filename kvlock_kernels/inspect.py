@@ -83,12 +83,51 @@ def _merge_job(arch, dtype_name, head_dim, config):
                 pointers=tuple(types), config=f"S{block_s}/w{warps}")
 
 
+def _branch_variance_job(arch, dtype_name, head_dim, config):
+    from .branch_variance import _branch_variance_kernel
+    block, warps = config
+    types = dict(X="*" + dtype_name, MASK="*u8", VAR="*fp32", PART_SUM="*fp32", PART_CNT="*fp32",
+                 inv_preds="fp32", inv_dof="fp32", inv_channels="fp32")
+    return dict(fn=_branch_variance_kernel, const=dict(HAS_MASK=True, BLOCK=block), types=types, warps=warps,
+                stages=1, pointers=("X", "MASK", "VAR", "PART_SUM", "PART_CNT"), config=f"B{block}/w{warps}")
+
+
+def _cfg_zero_star_job(arch, dtype_name, head_dim, config):
+    from .cfg_zero_star_scale import _dot_and_norm_kernel
+    block, warps = config
+    types = dict(VC="*" + dtype_name, VU="*" + dtype_name, PART_DOT="*fp32", PART_NORM="*fp32")
+    return dict(fn=_dot_and_norm_kernel, const=dict(BLOCK=block), types=types, warps=warps, stages=1,
+                pointers=tuple(types), config=f"B{block}/w{warps}")
+
+
+def _guidance_job(arch, dtype_name, head_dim, config):
+    from .kvlock_guidance import _guidance_kernel
+    block, warps = config
+    ptr = "*" + dtype_name
+    types = dict(VC=ptr, VU=ptr, LAT=ptr, GUIDED=ptr, X0=ptr, OMEGA_PTR="*fp32", S_PTR="*fp32",
+                 SIGMA_PTR="*fp32", omega_value="fp32", sigma_value="fp32")
+    const = dict(OMEGA_IS_TENSOR=True, HAS_S=True, SIGMA_IS_TENSOR=True, WITH_X0=True, BLOCK=block,
+                 INTERPRET=False)
+    return dict(fn=_guidance_kernel, const=const, types=types, warps=warps, stages=1,
+                pointers=("VC", "VU", "LAT", "GUIDED", "X0", "OMEGA_PTR", "S_PTR", "SIGMA_PTR"),
+                config=f"B{block}/w{warps}")
+
+
+JOB_BUILDERS = {
+    "kv_lock_attention": _attention_job,
+    "merge_attention_states": _merge_job,
+    "branch_variance": _branch_variance_job,
+    "cfg_zero_star_scale": _cfg_zero_star_job,
+    "kvlock_guidance": _guidance_job,
+}
+
+
 def compile_and_read(kernel, arch, dtype_name, head_dim, config) -> Report:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    job = (_attention_job if kernel == "kv_lock_attention" else _merge_job)(arch, dtype_name, head_dim, config)
+    job = JOB_BUILDERS[kernel](arch, dtype_name, head_dim, config)
     fn = job["fn"]
     const = dict(job["const"], **{n: 1 for n in job.get("unit_strides", ())})
     signature = {n: ("constexpr" if n in const else job["types"].get(n, "i32")) for n in fn.arg_names}
@@ -128,7 +167,12 @@ def compile_and_read(kernel, arch, dtype_name, head_dim, config) -> Report:
 
 
 def default_jobs(all_configs: bool = False, archs=(80, 90)):
+    import importlib
+
     from .kv_lock_attention import configs_for_head_dim
+    merge_attention_states, branch_variance, cfg_zero_star_scale, kvlock_guidance = (
+        importlib.import_module(f"kvlock_kernels.{m}")
+        for m in ("merge_attention_states", "branch_variance", "cfg_zero_star_scale", "kvlock_guidance"))
     dtypes = ("bf16", "fp16") if all_configs else ("bf16",)
     head_dims = ALL_HEAD_DIMS if all_configs else DEFAULT_HEAD_DIMS
     jobs = []
@@ -137,7 +181,11 @@ def default_jobs(all_configs: bool = False, archs=(80, 90)):
             for d in head_dims:
                 for cfg in configs_for_head_dim(d, arch, aligned=d % 16 == 0):
                     jobs.append(("kv_lock_attention", arch, dt, d, cfg))
-            jobs.append(("merge_attention_states", arch, dt, 128, (32, 4)))
+            jobs.append(("merge_attention_states", arch, dt, 128, merge_attention_states.LAUNCH_CONFIG))
+            # Elementwise / reduction kernels: no head dim (reported as 0).
+            jobs.append(("branch_variance", arch, dt, 0, branch_variance.LAUNCH_CONFIG))
+            jobs.append(("cfg_zero_star_scale", arch, dt, 0, cfg_zero_star_scale.LAUNCH_CONFIG))
+            jobs.append(("kvlock_guidance", arch, dt, 0, kvlock_guidance.LAUNCH_CONFIG))
     return jobs
 
 

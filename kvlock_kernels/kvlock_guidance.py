@@ -24,6 +24,9 @@ from .cfg_zero_star_scale import check_prediction_pair
 
 __all__ = ["kvlock_guidance"]
 
+# (BLOCK elements per program, num_warps): also what `inspect` compiles.
+LAUNCH_CONFIG = (1024, 4)
+
 
 @triton.jit
 def _load_per_sample(ptr, value, b, stride, IS_TENSOR: tl.constexpr):
@@ -150,7 +153,7 @@ def _guidance_op(v_cond: torch.Tensor, v_uncond: torch.Tensor, omega_t: Optional
     L = vc[0].numel() if B else 0
     lat = latents.contiguous() if with_x0 else vc
     x0 = torch.empty_like(lat) if with_x0 else vc.new_empty(0)
-    block = 1024
+    block, warps = LAUNCH_CONFIG
     if L > 0:
         _guidance_kernel[(triton.cdiv(L, block), B)](
             vc, vu, lat, guided, x0 if with_x0 else guided,
@@ -160,7 +163,7 @@ def _guidance_op(v_cond: torch.Tensor, v_uncond: torch.Tensor, omega_t: Optional
             1 if sigma_t is not None and sigma_t.numel() > 1 else 0,
             L,
             OMEGA_IS_TENSOR=omega_t is not None, HAS_S=s_star is not None, SIGMA_IS_TENSOR=sigma_t is not None,
-            WITH_X0=with_x0, BLOCK=block, INTERPRET=triton_interpreting(), num_warps=4,
+            WITH_X0=with_x0, BLOCK=block, INTERPRET=triton_interpreting(), num_warps=warps,
         )
     return guided, x0
 

@@ -17,13 +17,17 @@ __all__ = ["pixel_mask_to_latent", "latent_mask_to_tokens", "lock_weights"]
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _as_batched(name, mask):
+def _check_mask(name, mask, ndims, layout):
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype not in _MASK_DTYPES:
         raise TypeError(f"{name} must be bool, uint8 or float, got {mask.dtype}")
-    if mask.dim() not in (3, 4):
-        raise ValueError(f"{name} must be (F, H, W) or (B, F, H, W), got shape {tuple(mask.shape)}")
+    if mask.dim() not in ndims:
+        raise ValueError(f"{name} must be {layout}, got shape {tuple(mask.shape)}")
+
+
+def _as_batched(name, mask):
+    _check_mask(name, mask, (3, 4), "(F, H, W) or (B, F, H, W)")
     return (mask[None], True) if mask.dim() == 3 else (mask, False)
 
 
@@ -99,12 +103,7 @@ def lock_weights(token_fg_mask: torch.Tensor, alpha) -> torch.Tensor:
     Returns:
         lock weights with token_fg_mask's shape, fp32 (the ``lock`` of kv_lock_attention).
     """
-    if not isinstance(token_fg_mask, torch.Tensor):
-        raise TypeError(f"token_fg_mask must be a torch.Tensor, got {type(token_fg_mask).__name__}")
-    if token_fg_mask.dtype not in _MASK_DTYPES:
-        raise TypeError(f"token_fg_mask must be bool, uint8 or float, got {token_fg_mask.dtype}")
-    if token_fg_mask.dim() not in (1, 2):
-        raise ValueError(f"token_fg_mask must be (L,) or (B, L), got shape {tuple(token_fg_mask.shape)}")
+    _check_mask("token_fg_mask", token_fg_mask, (1, 2), "(L,) or (B, L)")
     if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")

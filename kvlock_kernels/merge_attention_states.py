@@ -20,6 +20,9 @@ from ._utils import check_same_device, check_tensor, use_triton, triton_interpre
 
 __all__ = ["merge_attention_states"]
 
+# (rows per program, num_warps) on GPUs: also what `inspect` compiles.
+LAUNCH_CONFIG = (32, 4)
+
 
 @triton.jit
 def _merge_states_kernel(
@@ -105,7 +108,7 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, layout: str = "bshd", 
         return out, lse
     a = a if a.stride(-1) == 1 else a.contiguous()
     b = b if b.stride(-1) == 1 else b.contiguous()
-    block_s = 64 if triton_interpreting() else 32
+    block_s, warps = (64, 1) if triton_interpreting() else LAUNCH_CONFIG
     grid = (triton.cdiv(S, block_s), B * H)
     _merge_states_kernel[grid](
         a, lse_a.contiguous(), b, lse_b.contiguous(), out_v, lse,
@@ -113,6 +116,6 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, layout: str = "bshd", 
         b.stride(0), b.stride(1), b.stride(2),
         out_v.stride(0), out_v.stride(1), out_v.stride(2),
         H, S, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_S=block_s,
-        INTERPRET=triton_interpreting(),
+        INTERPRET=triton_interpreting(), num_warps=warps,
     )
     return out, lse

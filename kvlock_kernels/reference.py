@@ -153,9 +153,9 @@ def branch_variance(x, *, mask=None, correction: int = 1):
 
 
 def cfg_zero_star_scale(v_cond, v_uncond, eps: float = 1e-8):
-    """s* = <v_c, v_u> / (||v_u||^2 + eps) per sample, (B,) fp32 (math in fp64)."""
-    vc, vu = v_cond.double().flatten(1), v_uncond.double().flatten(1)
-    return ((vc * vu).sum(1) / ((vu * vu).sum(1) + eps)).float()
+    """s* = <v_c, v_u> / (||v_u||^2 + eps) per sample, (B,) fp32 (fp32 math, cascaded sums)."""
+    vc, vu = v_cond.float().flatten(1), v_uncond.float().flatten(1)
+    return (vc * vu).sum(1) / ((vu * vu).sum(1) + eps)
 
 
 def _per_sample(value, batch, ndim, device):

@@ -11,6 +11,9 @@ def test_main_job_quick():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    assert out.count(": PASS") == 2 and "all checks passed" in out
+    # attention (Triton, torch) + branch_variance, cfg_zero_star_scale, kvlock_guidance
+    assert out.count(": PASS") == 5 and "FAIL" not in out and "all checks passed" in out
     assert "| kvlock (Triton, fused) | unavailable on this machine" in out  # CPU: listed, not dropped
     assert "| unfused: lerp + SDPA |" in out and "CPU ms" in out
+    for op in ("branch_variance (W=10 window)", "cfg_zero_star_scale", "s* + kvlock_guidance + x0"):
+        assert f"| {op} |" in out
