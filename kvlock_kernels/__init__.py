@@ -9,6 +9,8 @@ Ops (each has a Triton kernel and a PyTorch reference in ``kvlock_kernels.refere
 Control and masks:
     KVLockScheduler         alpha / omega per step from the foreground x0-hat variance
     masks                   pixel -> latent -> token masks, lock weights
+Cache:
+    KVRingBuffer            (step, layer)-keyed K/V slots with host spill (C++ extension)
 """
 from . import masks, reference
 from .branch_variance import branch_variance
@@ -16,11 +18,13 @@ from .cfg_zero_star_scale import cfg_zero_star_scale
 from .kv_lock_attention import kv_lock_attention
 from .kvlock_guidance import kvlock_guidance
 from .merge_attention_states import merge_attention_states
+from .ring_buffer import KVRingBuffer
 from .scheduler import KVLockScheduler
 
 __version__ = "0.1.0"
 __all__ = [
     "KVLockScheduler",
+    "KVRingBuffer",
     "branch_variance",
     "cfg_zero_star_scale",
     "kv_lock_attention",

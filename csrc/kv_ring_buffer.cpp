@@ -1,0 +1,440 @@
+// KV cache ring buffer for KV-Lock's inversion mode.
+//
+// A fixed window of `capacity` device slots, each holding one (K, V) pair of a fixed slot
+// shape and dtype, keyed by (step, layer).  C++ owns the slot table, the key -> slot map,
+// the eviction order (FIFO over resident entries) and the host backing store.
+//
+// With host_spill, an evicted entry's bytes go to host memory (pinned, on a dedicated
+// copy stream ordered with events, when the slots are on CUDA; a plain copy on CPU) and a
+// later get()/prefetch() brings them back.  A host copy stays valid until the key is
+// overwritten, so evicting an entry that was brought back costs no copy.
+//
+// With compact, put() takes the token rows to keep (the background) and stores only
+// those, packed at the front of the slot; get() returns them with the row index.
+//
+// Every argument is validated before anything changes: after any error, each stored key
+// still returns its exact bytes.
+#include <ATen/ATen.h>
+#include <c10/core/Event.h>
+#include <c10/core/Stream.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <deque>
+#include <memory>
+#include <sstream>
+#include <unordered_map>
+#include <vector>
+
+#ifdef KVLOCK_WITH_CUDA
+#include "copy_kernels.h"
+#endif
+
+namespace kvlock {
+namespace {
+
+struct Key {
+  int64_t step;
+  int64_t layer;
+  bool operator==(const Key& o) const { return step == o.step && layer == o.layer; }
+};
+
+struct KeyHash {
+  size_t operator()(const Key& k) const {
+    return std::hash<int64_t>()(k.step) * 1000003u ^ std::hash<int64_t>()(k.layer);
+  }
+};
+
+std::string key_str(const Key& k) {
+  std::ostringstream s;
+  s << "(" << k.step << ", " << k.layer << ")";
+  return s.str();
+}
+
+std::string shape_str(at::IntArrayRef shape) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
+  s << (shape.size() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+struct Entry {
+  int64_t slot = -1;  // device slot, -1 while the entry lives only on the host
+  int64_t rows = 0;   // rows stored (the full slot unless compact)
+  at::Tensor index;   // compact: the stored token rows, int64 on the slots' device
+  at::Tensor host_k, host_v;
+  bool host_valid = false;             // host_k/host_v hold the current bytes
+  std::unique_ptr<c10::Event> ready;   // CUDA: the copy into the slot has finished
+};
+
+}  // namespace
+
+class KVRingBuffer : public torch::CustomClassHolder {
+ public:
+  KVRingBuffer(int64_t capacity, std::vector<int64_t> slot_shape, c10::ScalarType dtype, c10::Device device,
+               bool host_spill, bool compact)
+      : capacity_(capacity),
+        slot_shape_(std::move(slot_shape)),
+        dtype_(dtype),
+        device_(device),
+        host_spill_(host_spill),
+        compact_(compact) {
+    TORCH_CHECK_VALUE(capacity_ >= 1, "capacity must be >= 1, got ", capacity_);
+    TORCH_CHECK_VALUE(!slot_shape_.empty(), "slot_shape must have at least one dimension");
+    for (int64_t d : slot_shape_) {
+      TORCH_CHECK_VALUE(d >= 1, "slot_shape dimensions must be >= 1, got ", shape_str(slot_shape_));
+    }
+    TORCH_CHECK_VALUE(device_.is_cpu() || device_.is_cuda(), "device must be cpu or cuda, got ", device_.str());
+    if (device_.is_cuda() && !device_.has_index()) {
+      device_ = c10::Device(c10::DeviceType::CUDA, 0);
+    }
+    std::vector<int64_t> ring_shape{capacity_};
+    ring_shape.insert(ring_shape.end(), slot_shape_.begin(), slot_shape_.end());
+    auto opts = at::TensorOptions().dtype(dtype_).device(device_);
+    k_slots_ = at::empty(ring_shape, opts);
+    v_slots_ = at::empty(ring_shape, opts);
+    for (int64_t s = capacity_ - 1; s >= 0; --s) free_slots_.push_back(s);
+    slot_free_.resize(capacity_);
+    if (device_.is_cuda()) {
+      c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
+      copy_stream_ = std::make_unique<c10::Stream>(impl.getStreamFromGlobalPool(device_, /*isHighPriority=*/false));
+    }
+  }
+
+  // put: store (k, v) under key; replaces an existing entry of the same key.
+  void put(int64_t step, int64_t layer, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& rows) {
+    const Key key{step, layer};
+    check_slot_tensor("k", k);
+    check_slot_tensor("v", v);
+    at::Tensor index;
+    if (rows.has_value()) {
+      TORCH_CHECK_VALUE(compact_, "rows is only accepted by a buffer built with compact=True");
+      index = checked_rows(*rows);
+    } else if (compact_) {
+      index = at::arange(slot_shape_[0], at::TensorOptions().dtype(at::kLong).device(device_));
+    }
+    // Validation is complete: from here on the table changes.
+    auto it = entries_.find(key);
+    int64_t slot = -1;
+    if (it != entries_.end() && it->second.slot >= 0) {
+      slot = it->second.slot;  // overwrite in place, keep its FIFO position
+      if (it->second.ready) it->second.ready->block(current_stream());  // a bring-back still writes it
+      wait_slot_free(slot);
+    } else {
+      if (it != entries_.end()) drop_host(it->second);
+      slot = acquire_slot();
+      resident_.push_back(key);
+    }
+    Entry& e = entries_[key];
+    drop_host(e);
+    e.slot = slot;
+    e.ready.reset();
+    if (compact_) {
+      e.rows = index.size(0);
+      e.index = index;
+      gather_into(k_slots_[slot], k, index);
+      gather_into(v_slots_[slot], v, index);
+    } else {
+      e.rows = slot_shape_[0];
+      e.index = at::Tensor();
+      k_slots_[slot].copy_(k);
+      v_slots_[slot].copy_(v);
+    }
+  }
+
+  // get: views into the slot (valid until the slot is reused), plus the row index if compact.
+  std::vector<at::Tensor> get(int64_t step, int64_t layer) {
+    Entry& e = require(Key{step, layer});
+    make_resident(Key{step, layer}, e);
+    if (e.ready) {
+      // The current stream waits for the copy stream; the host does not block.
+      e.ready->block(current_stream());
+      e.ready.reset();
+    }
+    std::vector<at::Tensor> out{k_slots_[e.slot].narrow(0, 0, e.rows), v_slots_[e.slot].narrow(0, 0, e.rows)};
+    if (compact_) out.push_back(e.index);
+    return out;
+  }
+
+  // prefetch: start bringing the given keys back into slots, in order, at most `capacity`.
+  void prefetch(const std::vector<int64_t>& steps, const std::vector<int64_t>& layers) {
+    TORCH_CHECK_VALUE(steps.size() == layers.size(), "prefetch needs as many steps as layers");
+    for (size_t i = 0; i < steps.size(); ++i) require(Key{steps[i], layers[i]});
+    const size_t n = std::min<size_t>(steps.size(), static_cast<size_t>(capacity_));
+    for (size_t i = 0; i < n; ++i) {
+      Key key{steps[i], layers[i]};
+      make_resident(key, entries_.at(key));
+    }
+  }
+
+  // pop: remove the entry and return copies of its tensors (the slot is free again).
+  std::vector<at::Tensor> pop(int64_t step, int64_t layer) {
+    const Key key{step, layer};
+    std::vector<at::Tensor> out = get(step, layer);
+    for (auto& t : out) t = t.clone();
+    remove(key);
+    return out;
+  }
+
+  bool contains(int64_t step, int64_t layer) const { return entries_.count(Key{step, layer}) > 0; }
+  int64_t size() const { return static_cast<int64_t>(entries_.size()); }
+  int64_t capacity() const { return capacity_; }
+  int64_t device_nbytes() const { return k_slots_.nbytes() + v_slots_.nbytes(); }
+  int64_t host_nbytes() const { return host_bytes_; }
+  int64_t resident_count() const { return static_cast<int64_t>(resident_.size()); }
+
+  bool is_resident(int64_t step, int64_t layer) const {
+    auto it = entries_.find(Key{step, layer});
+    return it != entries_.end() && it->second.slot >= 0;
+  }
+
+  // Keys in FIFO order of residency (oldest first), then host-only keys: [[step, layer], ...].
+  std::vector<std::vector<int64_t>> keys() const {
+    std::vector<std::vector<int64_t>> out;
+    for (const Key& k : resident_) out.push_back({k.step, k.layer});
+    for (const auto& kv : entries_) {
+      if (kv.second.slot < 0) out.push_back({kv.first.step, kv.first.layer});
+    }
+    return out;
+  }
+
+  void clear() {
+    for (auto& kv : entries_) {
+      if (kv.second.slot >= 0) release_entry_slot(kv.second);
+    }
+    entries_.clear();
+    resident_.clear();
+    host_bytes_ = 0;
+  }
+
+ private:
+  void check_slot_tensor(const char* name, const at::Tensor& t) const {
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype_, name, " must have the slot dtype ", c10::toString(dtype_), ", got ",
+                     c10::toString(t.scalar_type()));
+    TORCH_CHECK_VALUE(t.device() == device_, name, " must be on the slot device ", device_.str(), ", got ",
+                      t.device().str());
+    TORCH_CHECK_VALUE(t.sizes().vec() == slot_shape_, name, " must have the slot shape ", shape_str(slot_shape_),
+                      ", got ", shape_str(t.sizes()));
+  }
+
+  at::Tensor checked_rows(const at::Tensor& rows) const {
+    TORCH_CHECK_TYPE(rows.scalar_type() == at::kLong || rows.scalar_type() == at::kInt,
+                     "rows must be an int64 or int32 index tensor, got ", c10::toString(rows.scalar_type()));
+    TORCH_CHECK_VALUE(rows.dim() == 1, "rows must be 1-D, got shape ", shape_str(rows.sizes()));
+    TORCH_CHECK_VALUE(rows.size(0) <= slot_shape_[0], "rows must select at most ", slot_shape_[0], " rows, got ",
+                      rows.size(0));
+    at::Tensor idx = rows.to(device_, at::kLong).contiguous();
+    if (idx.numel() > 0) {
+      // One host read of two scalars; put() belongs to the inversion pass, not the hot loop.
+      const int64_t lo = idx.min().item<int64_t>();
+      const int64_t hi = idx.max().item<int64_t>();
+      TORCH_CHECK_VALUE(lo >= 0 && hi < slot_shape_[0], "rows must lie in [0, ", slot_shape_[0], "), got min ", lo,
+                        ", max ", hi);
+    }
+    // A private copy: the caller may reuse its index tensor.
+    return idx.data_ptr() == rows.data_ptr() ? idx.clone() : idx;
+  }
+
+  Entry& require(const Key& key) {
+    auto it = entries_.find(key);
+    // The Python wrapper turns this into KeyError.
+    TORCH_CHECK_INDEX(it != entries_.end(), "key ", key_str(key), " is not in the ring buffer");
+    return it->second;
+  }
+
+  c10::Stream current_stream() const {
+    c10::impl::VirtualGuardImpl impl(device_.type());
+    return impl.getStream(device_);
+  }
+
+  // The slot's previous contents are still being read by a spill copy: wait for it.
+  void wait_slot_free(int64_t slot) {
+    if (slot_free_[slot]) {
+      slot_free_[slot]->block(current_stream());
+      slot_free_[slot].reset();
+    }
+  }
+
+  int64_t acquire_slot() {
+    if (free_slots_.empty()) evict_oldest();
+    const int64_t slot = free_slots_.back();
+    free_slots_.pop_back();
+    wait_slot_free(slot);
+    return slot;
+  }
+
+  void release_slot(int64_t slot) { free_slots_.push_back(slot); }
+
+  void evict_oldest() {
+    TORCH_INTERNAL_ASSERT(!resident_.empty(), "ring buffer has no resident entry to evict");
+    const Key victim = resident_.front();
+    resident_.pop_front();
+    Entry& e = entries_.at(victim);
+    const int64_t slot = e.slot;
+    if (!host_spill_) {
+      release_entry_slot(e);
+      entries_.erase(victim);
+      return;
+    }
+    if (!e.host_valid) spill(e);
+    release_entry_slot(e);
+  }
+
+  // Free an entry's slot.  A copy into the slot still in flight (a bring-back nobody has
+  // waited for) becomes the slot's busy marker, so the next writer waits for it.
+  void release_entry_slot(Entry& e) {
+    if (e.ready && !slot_free_[e.slot]) slot_free_[e.slot] = std::move(e.ready);
+    e.ready.reset();
+    release_slot(e.slot);
+    e.slot = -1;
+  }
+
+  // Copy an entry's slot to host memory.  On CUDA: on the copy stream, after the work
+  // already queued on the current stream, and the slot is marked busy until it is done.
+  void spill(Entry& e) {
+    auto host_opts = at::TensorOptions().dtype(dtype_).device(at::kCPU).pinned_memory(device_.is_cuda());
+    std::vector<int64_t> shape = slot_shape_;
+    shape[0] = e.rows;
+    e.host_k = at::empty(shape, host_opts);
+    e.host_v = at::empty(shape, host_opts);
+    at::Tensor k_src = k_slots_[e.slot].narrow(0, 0, e.rows);
+    at::Tensor v_src = v_slots_[e.slot].narrow(0, 0, e.rows);
+    if (device_.is_cuda()) {
+      c10::Event produced(c10::DeviceType::CUDA);
+      produced.record(current_stream());
+      produced.block(*copy_stream_);
+      {
+        c10::StreamGuard guard(*copy_stream_);
+        e.host_k.copy_(k_src, /*non_blocking=*/true);
+        e.host_v.copy_(v_src, /*non_blocking=*/true);
+        if (compact_) e.index = e.index.to(host_opts.dtype(at::kLong), /*non_blocking=*/true);
+      }
+      slot_free_[e.slot] = std::make_unique<c10::Event>(c10::DeviceType::CUDA);
+      slot_free_[e.slot]->record(*copy_stream_);
+    } else {
+      e.host_k.copy_(k_src);
+      e.host_v.copy_(v_src);
+    }
+    e.host_valid = true;
+    host_bytes_ += e.host_k.nbytes() + e.host_v.nbytes();
+  }
+
+  // Bring a host-only entry back into a slot (no-op if resident).
+  void make_resident(const Key& key, Entry& e) {
+    if (e.slot >= 0) return;
+    TORCH_INTERNAL_ASSERT(e.host_valid, "entry ", key_str(key), " has neither a slot nor a host copy");
+    const int64_t slot = acquire_slot();
+    at::Tensor k_dst = k_slots_[slot].narrow(0, 0, e.rows);
+    at::Tensor v_dst = v_slots_[slot].narrow(0, 0, e.rows);
+    if (device_.is_cuda()) {
+      // The slot's previous readers are on the current stream: the copy waits for them.
+      c10::Event readers_done(c10::DeviceType::CUDA);
+      readers_done.record(current_stream());
+      readers_done.block(*copy_stream_);
+      {
+        c10::StreamGuard guard(*copy_stream_);
+        k_dst.copy_(e.host_k, /*non_blocking=*/true);
+        v_dst.copy_(e.host_v, /*non_blocking=*/true);
+        if (compact_) e.index = e.index.to(device_, /*non_blocking=*/true);
+      }
+      e.ready = std::make_unique<c10::Event>(c10::DeviceType::CUDA);
+      e.ready->record(*copy_stream_);
+    } else {
+      k_dst.copy_(e.host_k);
+      v_dst.copy_(e.host_v);
+    }
+    e.slot = slot;
+    resident_.push_back(key);
+  }
+
+  void gather_into(const at::Tensor& slot, const at::Tensor& src, const at::Tensor& index) {
+    const int64_t n = index.size(0);
+    at::Tensor dst = slot.narrow(0, 0, n);
+#ifdef KVLOCK_WITH_CUDA
+    if (device_.is_cuda() && src.stride(-1) == 1 && src[0].is_contiguous()) {
+      const int64_t row_bytes = src[0].numel() * src.element_size();
+      const int err = gather_rows_cuda(src.data_ptr(), src.stride(0) * src.element_size(), dst.data_ptr(),
+                                       index.data_ptr<int64_t>(), n, row_bytes, current_stream().native_handle());
+      TORCH_CHECK(err == 0, "gather_rows_cuda failed with CUDA error ", err);
+      return;
+    }
+#endif
+    at::index_select_out(dst, src, 0, index);
+  }
+
+  void drop_host(Entry& e) {
+    if (e.host_valid) host_bytes_ -= e.host_k.nbytes() + e.host_v.nbytes();
+    e.host_k = at::Tensor();
+    e.host_v = at::Tensor();
+    e.host_valid = false;
+  }
+
+  void remove(const Key& key) {
+    auto it = entries_.find(key);
+    if (it == entries_.end()) return;
+    if (it->second.slot >= 0) {
+      release_entry_slot(it->second);
+      resident_.erase(std::find(resident_.begin(), resident_.end(), key));
+    }
+    drop_host(it->second);
+    entries_.erase(it);
+  }
+
+  int64_t capacity_;
+  std::vector<int64_t> slot_shape_;
+  c10::ScalarType dtype_;
+  c10::Device device_;
+  bool host_spill_;
+  bool compact_;
+  at::Tensor k_slots_, v_slots_;  // (capacity, *slot_shape)
+  std::unordered_map<Key, Entry, KeyHash> entries_;
+  std::deque<Key> resident_;  // keys holding a slot, oldest first (the eviction order)
+  std::vector<int64_t> free_slots_;
+  std::vector<std::unique_ptr<c10::Event>> slot_free_;  // CUDA: a spill copy still reads the slot
+  std::unique_ptr<c10::Stream> copy_stream_;
+  int64_t host_bytes_ = 0;
+};
+
+// A fragment: the Python side registers its custom ops in the same namespace.
+TORCH_LIBRARY_FRAGMENT(kvlock_kernels, m) {
+  m.class_<KVRingBuffer>("KVRingBuffer")
+      .def(torch::init<int64_t, std::vector<int64_t>, c10::ScalarType, c10::Device, bool, bool>())
+      .def("put", &KVRingBuffer::put)
+      .def("get", &KVRingBuffer::get)
+      .def("prefetch", &KVRingBuffer::prefetch)
+      .def("pop", &KVRingBuffer::pop)
+      .def("contains", &KVRingBuffer::contains)
+      .def("size", &KVRingBuffer::size)
+      .def("capacity", &KVRingBuffer::capacity)
+      .def("device_nbytes", &KVRingBuffer::device_nbytes)
+      .def("host_nbytes", &KVRingBuffer::host_nbytes)
+      .def("resident_count", &KVRingBuffer::resident_count)
+      .def("is_resident", &KVRingBuffer::is_resident)
+      .def("keys", &KVRingBuffer::keys)
+      .def("clear", &KVRingBuffer::clear);
+}
+
+}  // namespace kvlock
+
+namespace kvlock {
+namespace {
+
+bool built_with_cuda() {
+#ifdef KVLOCK_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kvlock_kernels, m) {
+  m.def("ring_buffer_built_with_cuda() -> bool", &built_with_cuda);
+}
+
+}  // namespace kvlock
