@@ -29,6 +29,7 @@ from kvlock_kernels import kv_lock_attention, reference  # noqa: E402
 
 from .common import (WAN_1_3B, WAN_1_3B_CPU, WAN_1_3B_CPU_QUICK, WAN_INTERP, bytes_model,  # noqa: E402
                      make_attention_inputs, time_fn)
+from .ring_buffer import CPU_SLOT, WAN_SLOT, ring_buffer_rows  # noqa: E402
 from .control_ops import (SMALL_LATENT, WAN_LATENT, bytes_moved, check_control_ops,  # noqa: E402
                           fused_calls, make_control_inputs)
 
@@ -108,6 +109,25 @@ def control_ops_section(device, quick) -> bool:
     return ok
 
 
+def ring_buffer_section(device, quick) -> None:
+    """Throughput of the KV cache ring buffer (C++ extension) beside plain copies."""
+    from kvlock_kernels.ring_buffer import extension_available
+
+    cuda = device.type == "cuda"
+    slot = WAN_SLOT if cuda else CPU_SLOT
+    print(f"\n## KV ring buffer: slot {slot} bf16 per K and V, 4 device slots, 8 entries")
+    if not extension_available():
+        print("unavailable: kvlock_kernels._C is not built (pip install --no-build-isolation -e .)")
+        return
+    rows, pair_bytes = ring_buffer_rows(device, slot, repeats=2 if quick else 5)
+    unit = "GB/s" + ("" if cuda else " (CPU memory; not a GPU prediction)")
+    print(f"K+V per entry: {pair_bytes / 1e6:.1f} MB\n")
+    print(f"| operation | {unit} | baseline | baseline {unit} |")
+    print("|---|---|---|---|")
+    for name, rate, base_name, base_rate in rows:
+        print(f"| {name} | {rate:.2f} | {base_name} | {base_rate:.2f} |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats")
@@ -157,6 +177,7 @@ def main(argv=None) -> int:
         print("On CPU the fused Triton kernel only runs in the interpreter (correctness, not speed); "
               "the bytes model is the only prediction of the GPU gain.")
     ok = control_ops_section(device, args.quick) and ok
+    ring_buffer_section(device, args.quick)
     print(f"\nresult: {'all checks passed' if ok else 'CHECK FAILED'}")
     return 0 if ok else 1
 

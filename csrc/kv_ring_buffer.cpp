@@ -180,6 +180,13 @@ class KVRingBuffer : public torch::CustomClassHolder {
     return out;
   }
 
+  // discard: forget the entry without reading it (a replay drops each key after use).
+  void discard(int64_t step, int64_t layer) {
+    const Key key{step, layer};
+    require(key);
+    remove(key);
+  }
+
   bool contains(int64_t step, int64_t layer) const { return entries_.count(Key{step, layer}) > 0; }
   int64_t size() const { return static_cast<int64_t>(entries_.size()); }
   int64_t capacity() const { return capacity_; }
@@ -407,6 +414,7 @@ TORCH_LIBRARY_FRAGMENT(kvlock_kernels, m) {
       .def("get", &KVRingBuffer::get)
       .def("prefetch", &KVRingBuffer::prefetch)
       .def("pop", &KVRingBuffer::pop)
+      .def("discard", &KVRingBuffer::discard)
       .def("contains", &KVRingBuffer::contains)
       .def("size", &KVRingBuffer::size)
       .def("capacity", &KVRingBuffer::capacity)

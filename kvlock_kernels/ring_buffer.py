@@ -10,6 +10,7 @@ lives in a fixed window of device slots backed by host memory::
     buf.put((step, layer), k, v)        # inversion pass
     buf.prefetch([(s, l) for ...])      # start bringing the next keys back
     k, v = buf.get((step, layer))       # denoising pass: views into a slot
+    buf.discard((step, layer))          # after its last use: frees the slot, no spill
 
 The slot table, the eviction order and the host store live in C++; on CUDA, spills and
 bring-backs run on a dedicated copy stream ordered with events, and ``get`` makes the
@@ -120,6 +121,14 @@ class KVRingBuffer:
         if not self._impl.contains(step, layer):
             raise KeyError(f"key {key} is not in the ring buffer")
         return tuple(self._impl.pop(step, layer))
+
+    def discard(self, key) -> None:
+        """Remove key without returning anything (no copy): after the last use of an
+        entry, so that its slot is free for the next prefetch and it is never spilled."""
+        step, layer = _check_key(key)
+        if not self._impl.contains(step, layer):
+            raise KeyError(f"key {key} is not in the ring buffer")
+        self._impl.discard(step, layer)
 
     def is_resident(self, key) -> bool:
         """True when key currently holds a device slot."""

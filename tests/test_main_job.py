@@ -17,3 +17,5 @@ def test_main_job_quick():
     assert "| unfused: lerp + SDPA |" in out and "CPU ms" in out
     for op in ("branch_variance (W=10 window)", "cfg_zero_star_scale", "s* + kvlock_guidance + x0"):
         assert f"| {op} |" in out
+    for row in ("put (resident)", "put with host spill", "reverse replay (prefetch + get)"):
+        assert f"| {row} |" in out  # the ring buffer section ran (extension built)

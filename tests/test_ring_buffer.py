@@ -143,6 +143,25 @@ def test_pop_returns_copies_and_frees():
         buf.pop((2, 1))
 
 
+def test_replay_with_discard_never_spills_used_entries():
+    """The intended denoising pattern: get, use, discard; prefetch then only fills free slots."""
+    buf = KVRingBuffer(4, SLOT, torch.bfloat16, "cpu", host_spill=True)
+    store = {(s, 0): kv(s) for s in range(12)}
+    for key, val in store.items():
+        buf.put(key, *val)
+    spilled_bytes = buf.host_nbytes  # 8 entries went to the host during the puts
+    order = sorted(store, reverse=True)
+    for j, key in enumerate(order):
+        if j % 4 == 0:
+            buf.prefetch(order[j:j + 4])
+        k, v = buf.get(key)
+        assert bits_equal(k, store[key][0]) and bits_equal(v, store[key][1])
+        buf.discard(key)
+    assert len(buf) == 0 and buf.host_nbytes == 0 and spilled_bytes == 8 * 2 * k.numel() * 2
+    with pytest.raises(KeyError):
+        buf.discard((0, 0))
+
+
 def test_clear():
     buf = KVRingBuffer(2, SLOT, torch.float32, "cpu", host_spill=True)
     for s in range(3):
