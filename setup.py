@@ -22,7 +22,7 @@ except ImportError:  # building without torch (e.g. an isolated build): Python p
 
 if torch is not None and os.environ.get("KVLOCK_SKIP_EXTENSION") != "1":
     sources = ["csrc/kv_ring_buffer.cpp"]
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++20"]  # torch 2.13 headers use C++20 bit-field initialisers
     if torch.version.cuda is not None and CUDA_HOME is not None:
         ext_modules.append(CUDAExtension(
             "kvlock_kernels._C", sources + ["csrc/copy_kernels.cu"],

@@ -272,3 +272,22 @@ def test_cuda_sources_compile_for_sm80_and_sm90(tmp_path):
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert out.stat().st_size > 0
+
+
+def test_cuda_branch_of_the_extension_compiles(tmp_path):
+    """The CUDA-only lines of kv_ring_buffer.cpp (gather kernel launch on the current
+    stream) are compiled here too, against this torch's headers, so a CPU-only CI still
+    catches their errors."""
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    gxx = shutil.which("g++")
+    if gxx is None:  # the README install needs g++ anyway; without it there is no extension
+        pytest.skip("g++ not found")
+    includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    proc = subprocess.run([gxx, "-std=c++20", "-fsyntax-only", "-DKVLOCK_WITH_CUDA", abi, *includes,
+                           os.path.join(ROOT, "csrc", "kv_ring_buffer.cpp")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
