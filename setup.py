@@ -44,8 +44,10 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "triton>=3.2", "numpy"],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4"],
+        # The tests cover the diffusers integration and the examples, so they bring both.
+        "test": ["pytest>=8", "pytest-benchmark>=4", "diffusers>=0.35", "tqdm", "matplotlib"],
         "bench": ["matplotlib"],
+        "diffusers": ["diffusers>=0.35", "tqdm"],
         "flash": ["flash-attn>=2.6"],
     },
     ext_modules=ext_modules,
