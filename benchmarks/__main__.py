@@ -1,19 +1,28 @@
-"""The main job: verify kv_lock_attention on this machine's device, then time the fused
-path against the unfused sequence it replaces (blend in PyTorch, then SDPA).
+"""The benchmark and verification harness (the README's main job).
 
-    python -m benchmarks [--quick]
+    python -m benchmarks [--quick] [--op NAME] [--out DIR]
 
-On a CUDA machine: the Triton kernel is checked at the Wan2.1-1.3B 480p shape against
-the fp32 memory-efficient reference, then timed (CUDA events) beside the unfused path,
-plain SDPA without blending (the ceiling) and flash-attn when installed.
-On a CPU-only machine: the Triton kernel is checked through the Triton interpreter at a
-reduced Wan-like shape, and only the PyTorch paths are timed; those are CPU times and
-say nothing about GPU speed.  The bytes model printed beside them is the prediction.
+Every op is checked against its reference, then timed beside its alternatives:
+kv_lock_attention against the unfused blend + SDPA, SDPA without blending (the
+ceiling), flash-attn and FlexAttention; the control ops and merge_attention_states
+against the eager PyTorch they replace; the KV ring buffer against plain copies.  Rows
+report median and spread, TFLOP/s, effective GB/s from a bytes model, percent of the
+device roofline and peak memory.  Output: markdown on stdout, results.json and PNG plots
+under --out.
+
+On a CUDA machine: SPEC's shapes (Wan2.1-1.3B/14B, CogVideoX-5B with text, HunyuanVideo),
+batch 2 and 3, foreground 0.1 / 0.3 / 1.0.  On a CPU-only machine: a reduced sweep of the
+PyTorch paths, labelled as CPU times; correctness through the Triton interpreter at small
+shapes; the bytes model as the only GPU prediction; and the static GPU report of
+``kvlock_kernels.inspect`` (registers, spills, shared memory, HGMMA per kernel config).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
+import subprocess
 import sys
 
 import torch
@@ -23,161 +32,222 @@ if not HAS_CUDA:
     # Must precede the import of kvlock_kernels: kernels read it when decorated.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
 
-from kvlock_kernels import kv_lock_attention, reference  # noqa: E402
-
-from .common import (WAN_1_3B, WAN_1_3B_CPU, WAN_1_3B_CPU_QUICK, WAN_INTERP, bytes_model,  # noqa: E402
-                     make_attention_inputs, time_fn)
+from . import attention, control_ops, merge  # noqa: E402
+from .common import CPU_SHAPES, CPU_SHAPES_QUICK, GPU_SHAPES, INTERP_SHAPES, device_peaks  # noqa: E402
 from .ring_buffer import CPU_SLOT, WAN_SLOT, ring_buffer_rows  # noqa: E402
-from .control_ops import (SMALL_LATENT, WAN_LATENT, bytes_moved, check_control_ops,  # noqa: E402
-                          fused_calls, make_control_inputs)
+
+OPS = ("attention", "merge", "control", "ring_buffer", "inspect")
 
 
-def check_attention(shape, dtype, device, backend) -> tuple[bool, str]:
-    """Flash-attention rule at a large shape: the reference is the memory-efficient torch
-    path on fp32 inputs (blend in fp32, SDPA in fp32); the baseline the same in dtype."""
-    q, k, v, ks, vs, lock = make_attention_inputs(shape, dtype, device)
-    out = kv_lock_attention(q, k, v, ks, vs, lock, backend=backend)
-    f32 = [t.float() for t in (q, k, v, ks, vs)]
-    ref = reference.kv_lock_attention_torch(*f32, lock)
-    same = reference.kv_lock_attention_torch(q, k, v, ks, vs, lock)
-    err = (out.float() - ref).abs().max().item()
-    base = (same.float() - ref).abs().max().item()
-    atol = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}[dtype]
-    ok = err <= 2 * base + atol
-    return ok, f"max|out-ref| {err:.2e} <= 2 x {base:.2e} + {atol:g}: {'PASS' if ok else 'FAIL'}"
-
-
-def unfused(q, k, v, ks, vs, lock):
-    """What a pipeline does without this library: materialise the blend, then SDPA."""
-    w = lock[:, :, None, None].to(k.dtype)
-    kb = torch.lerp(k, ks, w)
-    vb = torch.lerp(v, vs, w)
-    return F.scaled_dot_product_attention(q.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2)).transpose(1, 2)
-
-
-def sdpa_ceiling(q, k, v, *_):
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-
-
-def providers(device):
-    rows = []
-    if device.type == "cuda":
-        rows.append(("kvlock (Triton, fused)", lambda *a: kv_lock_attention(*a, backend="triton", check_inputs=False)))
-    else:
-        rows.append(("kvlock (Triton, fused)", None))
-    rows.append(("kvlock backend=torch", lambda *a: kv_lock_attention(*a, backend="torch", check_inputs=False)))
-    rows.append(("unfused: lerp + SDPA", unfused))
-    rows.append(("SDPA, no blend (ceiling)", sdpa_ceiling))
+def git_commit() -> str:
     try:
-        from flash_attn import flash_attn_func
-        if device.type == "cuda":
-            rows.append(("flash-attn, no blend", lambda q, k, v, *_: flash_attn_func(q, k, v)))
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
     except Exception:
-        rows.append(("flash-attn, no blend", None))
-    return rows
+        return "unknown"
 
 
-def control_ops_section(device, quick) -> bool:
-    """Correctness and timing of the per-step control ops at Wan2.1-1.3B latent size."""
-    cuda = device.type == "cuda"
-    check_shape = WAN_LATENT if cuda else SMALL_LATENT
-    print(f"\n## control ops: correctness vs reference (latents {check_shape}, bf16; "
-          f"{'Triton' if cuda else 'Triton through the interpreter'})")
-    ok = True
-    for name, passed, msg in check_control_ops(make_control_inputs(check_shape, device), "triton"):
-        print(f"- {name}: {msg}: {'PASS' if passed else 'FAIL'}")
-        ok = ok and passed
-    unit = "GPU ms (CUDA events)" if cuda else "CPU ms (wall clock; not a GPU prediction)"
-    print(f"\n## control ops: timing at Wan2.1-1.3B latent size {WAN_LATENT}, bf16\n")
-    t = make_control_inputs(WAN_LATENT, device)
-    model = bytes_moved(WAN_LATENT)
-    repeats = 3 if (quick or not cuda) else 20
-    ours = "Triton kernel" if cuda else "kvlock_kernels, torch path (Triton unavailable on CPU)"
-    print(f"{unit}\n")
-    print(f"| op | {ours} | eager PyTorch sequence | eager / ours | bytes model: eager / fused kernel |")
-    print("|---|---|---|---|---|")
-    for name, (fused, eager) in fused_calls("triton" if cuda else "torch").items():
-        eager_ms = time_fn(lambda: eager(t), warmup=1, repeats=repeats, device=device)[0]
-        fused_ms = time_fn(lambda: fused(t), warmup=1, repeats=repeats, device=device)[0]
-        fused_b, eager_b = model[name]
-        print(f"| {name} | {fused_ms:.3f} | {eager_ms:.3f} | {eager_ms / fused_ms:.2f}x | {eager_b / fused_b:.2f}x |")
-    if not cuda:
-        print("\nOn CPU the control kernels run only in the interpreter; the bytes model is the GPU prediction "
-              "(these ops are bandwidth-bound).")
-    return ok
+def fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
 
 
-def ring_buffer_section(device, quick) -> None:
-    """Throughput of the KV cache ring buffer (C++ extension) beside plain copies."""
+def print_rows(title, rows, unit, columns):
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(["shape", "provider", f"median {unit}", "min", "max"] + [c[0] for c in columns]) + " |")
+    print("|" + "---|" * (5 + len(columns)))
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"| {r['shape']} | {r['provider']} | {r['status']} |" + " |" * (2 + len(columns)))
+            continue
+        extra = [fmt(r.get(key), spec) for _, key, spec in columns]
+        print(f"| {r['shape']} | {r['provider']} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | {r['max_ms']:.3f} | "
+              + " | ".join(extra) + " |")
+
+
+def run_checks(device, ops):
+    """Correctness of every op on this device (through the interpreter on CPU)."""
     from kvlock_kernels.ring_buffer import extension_available
 
-    cuda = device.type == "cuda"
-    slot = WAN_SLOT if cuda else CPU_SLOT
-    print(f"\n## KV ring buffer: slot {slot} bf16 per K and V, 4 device slots, 8 entries")
-    if not extension_available():
-        print("unavailable: kvlock_kernels._C is not built (pip install --no-build-isolation -e .)")
-        return
-    rows, pair_bytes = ring_buffer_rows(device, slot, repeats=2 if quick else 5)
-    unit = "GB/s" + ("" if cuda else " (CPU memory; not a GPU prediction)")
-    print(f"K+V per entry: {pair_bytes / 1e6:.1f} MB\n")
-    print(f"| operation | {unit} | baseline | baseline {unit} |")
-    print("|---|---|---|---|")
-    for name, rate, base_name, base_rate in rows:
-        print(f"| {name} | {rate:.2f} | {base_name} | {base_rate:.2f} |")
+    checks = []
+    if "attention" in ops:
+        shapes = INTERP_SHAPES if device.type == "cpu" else GPU_SHAPES[:1]
+        for shape in shapes:
+            for backend in ("triton", "torch"):
+                ok, msg = attention.check(shape, torch.bfloat16, device, backend)
+                checks.append(dict(op="kv_lock_attention", case=f"{shape.name} S={shape.seqlen} backend={backend}",
+                                   ok=ok, detail=msg))
+    if "merge" in ops:
+        ok, msg = merge.check(device)
+        checks.append(dict(op="merge_attention_states", case="B2 S70 H3 D80 bf16", ok=ok, detail=msg))
+    if "control" in ops:
+        shape = control_ops.WAN_LATENT if device.type == "cuda" else control_ops.SMALL_LATENT
+        for name, ok, msg in control_ops.check_control_ops(control_ops.make_control_inputs(shape, device), "triton"):
+            checks.append(dict(op=name, case=f"latents {shape} bf16", ok=ok, detail=msg))
+    if "ring_buffer" in ops and extension_available():
+        from kvlock_kernels import KVRingBuffer
+
+        buf = KVRingBuffer(2, (64, 2, 16), torch.bfloat16, device, host_spill=True)
+        data = {(s, 0): (torch.randn(64, 2, 16, device=device).bfloat16(),
+                         torch.randn(64, 2, 16, device=device).bfloat16()) for s in range(5)}
+        for key, (k, v) in data.items():
+            buf.put(key, k, v)
+        ok = all(torch.equal(buf.get(key)[0], k) and torch.equal(buf.get(key)[1], v) for key, (k, v) in data.items())
+        checks.append(dict(op="KVRingBuffer", case="5 entries through 2 slots with host spill", ok=ok,
+                           detail="bit-exact round trips" if ok else "MISMATCH"))
+    return checks
+
+
+def save_plots(report, out_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    rows = [r for r in report["rows"] if r["op"] == "kv_lock_attention" and r["status"] == "ok"
+            and r["fg"] == 0.3 and r["batch"] == 2]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for provider in dict.fromkeys(r["provider"] for r in rows):
+        pts = sorted((r["seqlen"], r["tflops"]) for r in rows if r["provider"] == provider)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title(f"kv_lock_attention, batch 2, fg 0.3 ({report['device']})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "attention_tflops.png"))
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+
+    ring = report.get("ring_buffer", [])
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels = [r["operation"] for r in ring] + [f"baseline: {r['baseline']}" for r in ring[:2]]
+    values = [r["gbps"] for r in ring] + [r["baseline_gbps"] for r in ring[:2]]
+    ax.barh(labels, values)
+    ax.set_xlabel("GB/s")
+    ax.set_title(f"KVRingBuffer throughput ({report['device']})", fontsize=9)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "ring_buffer_gbps.png"))
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+    return paths
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats")
+    ap.add_argument("--quick", action="store_true", help="a reduced sweep (under 3 minutes on 2 CPU cores)")
+    ap.add_argument("--op", choices=OPS + ("all",), default="all", help="run one section only")
+    ap.add_argument("--out", default="bench_out", help="directory for results.json and the PNG plots")
     args = ap.parse_args(argv)
+    ops = OPS if args.op == "all" else (args.op,)
     device = torch.device("cuda" if HAS_CUDA else "cpu")
-    dtype = torch.bfloat16
-    if HAS_CUDA:
-        dev_name = torch.cuda.get_device_name()
-        check_shape, time_shape, check_backend = WAN_1_3B, WAN_1_3B, "triton"
-    else:
-        dev_name = f"CPU ({os.cpu_count()} cores); Triton kernels through the interpreter"
-        check_shape, check_backend = WAN_INTERP, "triton"
-        time_shape = WAN_1_3B_CPU_QUICK if args.quick else WAN_1_3B_CPU
-    print(f"# kvlock-kernels main job\n\ndevice: {dev_name}\ntorch {torch.__version__}\n")
+    dev_name = torch.cuda.get_device_name() if HAS_CUDA else f"CPU ({platform.processor() or 'x86_64'}, " \
+                                                                f"{os.cpu_count()} cores)"
+    peaks = device_peaks(dev_name) if HAS_CUDA else None
+    unit = "GPU ms (CUDA events)" if HAS_CUDA else "CPU ms"
+    repeats = (3 if args.quick else 10) if HAS_CUDA else (2 if args.quick else 3)
+    report = dict(device=dev_name, cpu_only=not HAS_CUDA, torch=torch.__version__, triton=triton.__version__,
+                  git_commit=git_commit(), quick=args.quick, time_unit=unit, rows=[], checks=[], ring_buffer=[],
+                  inspect=[])
 
-    print(f"## correctness: kv_lock_attention vs reference ({check_shape.name}, B={check_shape.batch}, "
-          f"S={check_shape.seqlen}, H={check_shape.heads}, D={check_shape.head_dim}, bf16, fg 0.3, alpha 0.7)")
-    ok, msg = check_attention(check_shape, dtype, device, check_backend)
-    print(f"- backend={check_backend}: {msg}")
-    ok_t, msg_t = check_attention(check_shape, dtype, device, "torch")
-    print(f"- backend=torch: {msg_t}\n")
-    ok = ok and ok_t
-
-    s = time_shape
-    unit = "GPU ms (CUDA events)" if HAS_CUDA else "CPU ms (wall clock; not a GPU prediction)"
-    print(f"## timing: {s.name}, B={s.batch}, S={s.seqlen}, H={s.heads}, D={s.head_dim}, bf16, fg 0.3\n")
-    inputs = make_attention_inputs(s, dtype, device)
-    repeats = 3 if (args.quick or not HAS_CUDA) else 20
-    print(f"| provider | median {unit} | min | max | TFLOP/s | vs unfused |")
-    print("|---|---|---|---|---|---|")
-    results = {}
-    for name, fn in providers(device):
-        if fn is None:
-            print(f"| {name} | unavailable on this machine | | | | |")
-            continue
-        med, lo, hi = time_fn(lambda: fn(*inputs), warmup=1, repeats=repeats, device=device)
-        results[name] = (med, lo, hi)
-    base = results["unfused: lerp + SDPA"][0]
-    for name, (med, lo, hi) in results.items():
-        tflops = s.flops() / (med * 1e-3) / 1e12
-        print(f"| {name} | {med:.2f} | {lo:.2f} | {hi:.2f} | {tflops:.3f} | {base / med:.2f}x |")
-    model = bytes_model(s if HAS_CUDA else WAN_1_3B, 2, 0.3)
-    print(f"\nbytes model (bf16, {WAN_1_3B.name if not HAS_CUDA else s.name}): fused reads+writes "
-          f"{model['fused'] / 2**30:.2f} GiB, unfused {model['unfused'] / 2**30:.2f} GiB "
-          f"({model['ratio']:.2f}x) outside the attention loop itself.")
+    print(f"# kvlock-kernels benchmark harness\n\ndevice: {dev_name}\ntorch {torch.__version__}, "
+          f"triton {triton.__version__}, commit {report['git_commit'][:12]}")
     if not HAS_CUDA:
-        print("On CPU the fused Triton kernel only runs in the interpreter (correctness, not speed); "
-              "the bytes model is the only prediction of the GPU gain.")
-    ok = control_ops_section(device, args.quick) and ok
-    ring_buffer_section(device, args.quick)
+        print("\nNo GPU: times below are CPU times of the PyTorch paths and say nothing about GPU speed. The Triton "
+              "kernels are checked through the interpreter; the bytes model and the static report are the GPU "
+              "prediction.")
+    elif peaks is None:
+        print(f"\n(no roofline entry for {dev_name}: percent of roofline is left out)")
+
+    report["checks"] = run_checks(device, ops)
+    print("\n## correctness (against the references)\n")
+    for c in report["checks"]:
+        print(f"- {c['op']} [{c['case']}]: {c['detail']}: {'PASS' if c['ok'] else 'FAIL'}")
+
+    if "attention" in ops:
+        if HAS_CUDA:
+            shapes, batches, fgs = (GPU_SHAPES[:1], (2,), (0.3,)) if args.quick else (GPU_SHAPES, (2, 3), (0.1, 0.3, 1.0))
+        else:
+            shapes, batches, fgs = (CPU_SHAPES_QUICK, (2,), (0.3,)) if args.quick else (CPU_SHAPES, (2, 3), (0.1, 0.3, 1.0))
+        rows = attention.run(shapes, batches, fgs, device, peaks, repeats)
+        report["rows"] += rows
+        print("\n## kv_lock_attention (bf16)")
+        for fg in fgs:
+            for batch in batches:
+                sel = [r for r in rows if r["fg"] == fg and r["batch"] == batch]
+                print_rows(f"batch {batch}, foreground {fg}", sel, unit,
+                           [("TFLOP/s", "tflops", ".3f"), ("GB/s (model)", "gbps", ".1f"),
+                            ("% roofline", "roofline_pct", ".1f"), ("peak MiB", "peak_mem_mb", ".0f"),
+                            ("vs unfused", "vs_unfused", ".2f")])
+        model = attention.model_rows(GPU_SHAPES, (2, 3))
+        report["attention_model"] = model
+        print("\n### bytes-and-FLOPs model, SPEC shapes, H100 SXM roofline (989 TFLOP/s bf16, 3.35 TB/s)\n")
+        print("| shape | B | S | TFLOP | fused GiB | unfused GiB | blend pass MiB | fused ms | unfused ms | "
+              "predicted speed-up |\n|---|---|---|---|---|---|---|---|---|---|")
+        for m in model:
+            print(f"| {m['shape']} | {m['batch']} | {m['seqlen']} | {m['tflop']:.1f} | {m['fused_gib']:.2f} | "
+                  f"{m['unfused_gib']:.2f} | {m['blend_mib']:.0f} | {m['fused_ms']:.1f} | {m['unfused_ms']:.1f} | "
+                  f"{m['speedup']:.3f}x |")
+        print("\nAt these lengths attention is compute-bound: fusing the blend saves its separate memory pass "
+              "(and the materialised K/V, 2 x K per layer) rather than attention time."
+              + ("" if HAS_CUDA else " On CPU this model is the only prediction of the GPU gain."))
+
+    if "merge" in ops:
+        shape = (2, 32760, 12, 128) if HAS_CUDA else (2, 4096, 12, 128)
+        rows, ratio = merge.run(shape, device, peaks, repeats)
+        report["rows"] += rows
+        print("\n## merge_attention_states (bf16)")
+        print_rows(f"bytes model: eager / fused = {ratio:.2f}x", rows, unit,
+                   [("GB/s (model)", "gbps", ".1f"), ("% roofline", "roofline_pct", ".1f")])
+
+    if "control" in ops:
+        rows = control_ops.run(device, peaks, repeats)
+        report["rows"] += rows
+        print(f"\n## control ops at Wan2.1-1.3B latent size {control_ops.WAN_LATENT} (bf16)")
+        print_rows("branch_variance, cfg_zero_star_scale, s* + kvlock_guidance + x0", rows, unit,
+                   [("GB/s (model)", "gbps", ".1f"), ("% roofline", "roofline_pct", ".1f"),
+                    ("vs eager", "vs_eager", ".2f"), ("bytes model eager/fused", "model_ratio", ".2f")])
+        if not HAS_CUDA:
+            print("\nThese ops are bandwidth-bound: on a GPU the fused kernels should approach the bytes-model "
+                  "ratio over the eager sequence.")
+
+    if "ring_buffer" in ops:
+        from kvlock_kernels.ring_buffer import extension_available
+
+        slot = WAN_SLOT if HAS_CUDA else CPU_SLOT
+        print(f"\n## KVRingBuffer: slot {slot} bf16 per K and V, 4 device slots, 8 entries")
+        if not extension_available():
+            print("unavailable: kvlock_kernels._C is not built (pip install --no-build-isolation -e .)")
+        else:
+            ring, pair_bytes = ring_buffer_rows(device, slot, repeats=2 if args.quick else 5)
+            report["ring_buffer"] = [dict(operation=n, gbps=g, baseline=b, baseline_gbps=bg) for n, g, b, bg in ring]
+            print(f"K+V per entry: {pair_bytes / 1e6:.1f} MB; GB/s{'' if HAS_CUDA else ' (CPU memory)'}\n")
+            print("| operation | GB/s | baseline | baseline GB/s |\n|---|---|---|---|")
+            for n, g, b, bg in ring:
+                print(f"| {n} | {g:.2f} | {b} | {bg:.2f} |")
+
+    if "inspect" in ops:
+        from kvlock_kernels import inspect as kinspect
+
+        jobs = kinspect.default_jobs(all_configs=not args.quick)
+        reports = kinspect.run(jobs)
+        report["inspect"] = [vars(r) for r in reports]
+        bad = [r for r in reports if not r.ok]
+        print(f"\n## static GPU report (kvlock_kernels.inspect{'' if args.quick else ' --all'}): "
+              f"{len(reports) - len(bad)}/{len(reports)} configs clean\n")
+        print(kinspect.format_table(reports))
+        report["checks"].append(dict(op="inspect", case=f"{len(reports)} configs", ok=not bad,
+                                     detail=f"{len(bad)} with spills or shared memory over the limit"))
+
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    plots = save_plots(report, args.out) if ("attention" in ops or "ring_buffer" in ops) else []
+    print(f"\nwrote {os.path.join(args.out, 'results.json')}" + "".join(f", {p}" for p in plots))
+    ok = all(c["ok"] for c in report["checks"])
     print(f"\nresult: {'all checks passed' if ok else 'CHECK FAILED'}")
     return 0 if ok else 1
 

@@ -10,11 +10,11 @@ import torch
 
 from kvlock_kernels import kv_lock_attention
 
-from .__main__ import sdpa_ceiling, unfused
-from .common import WAN_1_3B, WAN_1_3B_CPU_QUICK, make_attention_inputs
+from .attention import sdpa_ceiling, unfused
+from .common import CPU_SHAPES, WAN_1_3B, make_attention_inputs
 
 CUDA = torch.cuda.is_available()
-SHAPE = WAN_1_3B if CUDA else WAN_1_3B_CPU_QUICK
+SHAPE = WAN_1_3B if CUDA else CPU_SHAPES[1]
 DEVICE = "cuda" if CUDA else "cpu"
 
 

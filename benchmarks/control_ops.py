@@ -140,3 +140,39 @@ def run_control_benchmark(benchmark, op: str, provider: str):
 
     benchmark.group = f"{op} {WAN_LATENT}"
     benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+
+
+def run(device, peaks, repeats):
+    """Rows for the three control ops at Wan2.1-1.3B latent size: our kernel (GPU), our
+    CPU path, and the eager sequence, with the bytes model."""
+    from .common import roofline_percent, time_fn
+
+    cuda = device.type == "cuda"
+    t = make_control_inputs(WAN_LATENT, device)
+    model = bytes_moved(WAN_LATENT)
+    rows = []
+    ours = fused_calls("triton" if cuda else "torch")
+    for name, (fused, eager) in ours.items():
+        fused_b, eager_b = model[name]
+        providers = [("kvlock (Triton, fused)" if cuda else "kvlock backend=torch", fused,
+                      fused_b if cuda else eager_b),
+                     ("eager PyTorch", eager, eager_b)]
+        if not cuda:
+            providers.insert(0, ("kvlock (Triton, fused)", None, fused_b))
+        eager_ms = None
+        for provider, fn, nbytes in providers:
+            row = dict(op=name, shape=name, provider=provider)  # the section title gives the latent shape
+            if fn is None:
+                rows.append(dict(row, status="unavailable: Triton needs a GPU"))
+                continue
+            med, lo, hi = time_fn(lambda: fn(t), warmup=1, repeats=repeats, device=device)
+            rows.append(dict(row, status="ok", median_ms=med, min_ms=lo, max_ms=hi, model_bytes=nbytes,
+                             gbps=nbytes / (med * 1e-3) / 1e9,
+                             roofline_pct=roofline_percent(0.0, nbytes, med * 1e-3, peaks),
+                             model_ratio=eager_b / fused_b))
+            if provider == "eager PyTorch":
+                eager_ms = med
+        for r in rows:
+            if r["op"] == name and r.get("status") == "ok":
+                r["vs_eager"] = eager_ms / r["median_ms"]
+    return rows

@@ -1,0 +1,57 @@
+"""merge_attention_states section: correctness and timing against the eager merge."""
+from __future__ import annotations
+
+import torch
+
+from kvlock_kernels import merge_attention_states, reference
+
+from .common import roofline_percent, time_fn
+
+
+def make_merge_inputs(B, S, H, D, device, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a, b = (torch.randn(B, S, H, D, generator=g).to(device, dtype) for _ in range(2))
+    la, lb = (torch.randn(B, H, S, generator=g).to(device) * 3 for _ in range(2))
+    return a, la, b, lb
+
+
+def check(device) -> tuple[bool, str]:
+    a, la, b, lb = make_merge_inputs(2, 70, 3, 80, device)
+    out, lse = merge_attention_states(a, la, b, lb, backend="triton")
+    ref, ref_lse = reference.merge_attention_states(a.float(), la, b.float(), lb)
+    err = (out.float() - ref).abs().max().item()
+    lse_err = (lse - ref_lse).abs().max().item()
+    ok = err <= 2 ** -8 * ref.abs().max().item() and lse_err <= 1e-5
+    return ok, f"max err {err:.2e} (out), {lse_err:.2e} (lse)"
+
+
+def merge_bytes(B, S, H, D, elem=2):
+    """fused: read two partial outputs and lses, write one of each.  eager (reference):
+    upcasts, exp weights, two products and a sum over fp32 copies, one downcast."""
+    n = B * S * H * D
+    lse = B * H * S * 4
+    fused = 3 * n * elem + 3 * lse
+    eager = 2 * n * (elem + 4) + 6 * lse + 2 * (2 * n * 4 + n * 4) + 3 * n * 4 + n * (4 + elem)
+    return fused, eager
+
+
+def run(shape, device, peaks, repeats):
+    B, S, H, D = shape
+    a, la, b, lb = make_merge_inputs(B, S, H, D, device)
+    fused_b, eager_b = merge_bytes(B, S, H, D)
+    cuda = device.type == "cuda"
+    rows = []
+    for name, fn, nbytes in (
+            ("kvlock (Triton, fused)", (lambda: merge_attention_states(a, la, b, lb, backend="triton")) if cuda
+             else None, fused_b),
+            ("kvlock backend=torch", lambda: merge_attention_states(a, la, b, lb, backend="torch"), eager_b),
+            ("eager PyTorch", lambda: reference.merge_attention_states(a, la, b, lb), eager_b)):
+        row = dict(op="merge_attention_states", shape=f"B{B} S{S} H{H} D{D}", provider=name)
+        if fn is None:
+            rows.append(dict(row, status="unavailable: Triton needs a GPU"))
+            continue
+        med, lo, hi = time_fn(fn, warmup=1, repeats=repeats, device=device)
+        rows.append(dict(row, status="ok", median_ms=med, min_ms=lo, max_ms=hi, model_bytes=nbytes,
+                         gbps=nbytes / (med * 1e-3) / 1e9,
+                         roofline_pct=roofline_percent(0.0, nbytes, med * 1e-3, peaks)))
+    return rows, eager_b / fused_b
