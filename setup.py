@@ -28,8 +28,10 @@ if torch is not None and os.environ.get("KVLOCK_SKIP_EXTENSION") != "1":
             "kvlock_kernels._C", sources + ["csrc/copy_kernels.cu"],
             define_macros=[("KVLOCK_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags,
+                                # sm_80 / sm_90 binaries plus PTX so newer GPUs can JIT it.
                                 "nvcc": ["-O3", "-gencode=arch=compute_80,code=sm_80",
-                                         "-gencode=arch=compute_90,code=sm_90"]}))
+                                         "-gencode=arch=compute_90,code=sm_90",
+                                         "-gencode=arch=compute_90,code=compute_90"]}))
     else:
         ext_modules.append(CppExtension("kvlock_kernels._C", sources, extra_compile_args=cxx_flags))
     cmdclass = {"build_ext": BuildExtension}

@@ -15,6 +15,7 @@
 // Every argument is validated before anything changes: after any error, each stored key
 // still returns its exact bytes.
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/core/Event.h>
 #include <c10/core/Stream.h>
 #include <c10/core/StreamGuard.h>
@@ -102,6 +103,10 @@ class KVRingBuffer : public torch::CustomClassHolder {
     if (device_.is_cuda()) {
       c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
       copy_stream_ = std::make_unique<c10::Stream>(impl.getStreamFromGlobalPool(device_, /*isHighPriority=*/false));
+      // The copy stream writes the slots too: when the buffer is freed, the caching
+      // allocator must not hand the memory out before that stream's copies are done.
+      impl.recordDataPtrOnStream(k_slots_.storage().data_ptr(), *copy_stream_);
+      impl.recordDataPtrOnStream(v_slots_.storage().data_ptr(), *copy_stream_);
     }
   }
 
@@ -363,11 +368,13 @@ class KVRingBuffer : public torch::CustomClassHolder {
     at::Tensor dst = slot.narrow(0, 0, n);
 #ifdef KVLOCK_WITH_CUDA
     if (device_.is_cuda() && src.stride(-1) == 1 && src[0].is_contiguous()) {
+      c10::DeviceGuard guard(device_);  // launch on the slots' device and its current stream
       const int64_t row_bytes = src[0].numel() * src.element_size();
       const int err = gather_rows_cuda(src.data_ptr(), src.stride(0) * src.element_size(), dst.data_ptr(),
                                        index.data_ptr<int64_t>(), n, row_bytes, current_stream().native_handle());
-      TORCH_CHECK(err == 0, "gather_rows_cuda failed with CUDA error ", err);
-      return;
+      if (err == 0) return;
+      // No kernel image for this GPU (or a launch error): the table has already changed,
+      // so fall through to ATen's gather rather than leave the entry half-written.
     }
 #endif
     at::index_select_out(dst, src, 0, index);

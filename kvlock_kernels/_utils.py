@@ -1,6 +1,7 @@
 """Small helpers shared by the ops: backend resolution and argument checks."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -60,3 +61,11 @@ def check_same_device(**tensors) -> torch.device:
             listing = ", ".join(f"{k} on {v}" for k, v in devices.items())
             raise ValueError(f"all tensors must be on one device, got {listing}")
     return first
+
+
+def device_guard(device: torch.device):
+    """Make `device` current for a kernel launch: Triton launches on the current CUDA
+    device's current stream, which need not be the tensors' device."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

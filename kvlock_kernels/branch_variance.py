@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._utils import check_same_device, check_tensor, triton_interpreting, use_triton
+from ._utils import check_same_device, check_tensor, device_guard, use_triton
 
 __all__ = ["branch_variance"]
 
@@ -133,12 +133,13 @@ def _branch_variance_op(x: torch.Tensor, mask: Optional[torch.Tensor], correctio
     else:
         mv, mask_stride_b = var, 0  # placeholder, never read (HAS_MASK is a constexpr)
     if P > 0 and B > 0:
-        _branch_variance_kernel[(num_blocks, B)](
-            xv, mv, var, part_sum, part_cnt,
-            xv.stride(0), xv.stride(1), xv.stride(2), mask_stride_b,
-            P, C, N, 1.0 / N, 1.0 / (N - correction), 1.0 / C if C else 0.0, num_blocks,
-            HAS_MASK=mask is not None, BLOCK=block, num_warps=warps,
-        )
+        with device_guard(x.device):
+            _branch_variance_kernel[(num_blocks, B)](
+                xv, mv, var, part_sum, part_cnt,
+                xv.stride(0), xv.stride(1), xv.stride(2), mask_stride_b,
+                P, C, N, 1.0 / N, 1.0 / (N - correction), 1.0 / C if C else 0.0, num_blocks,
+                HAS_MASK=mask is not None, BLOCK=block, num_warps=warps,
+            )
     total, count = part_sum.sum(dim=1), part_cnt.sum(dim=1)
     masked_mean = torch.where(count > 0, total / count.clamp_min(1.0), torch.zeros_like(total))
     return var.reshape(B, *spatial), masked_mean

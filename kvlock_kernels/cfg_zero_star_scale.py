@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._utils import check_same_device, check_tensor, use_triton
+from ._utils import check_same_device, check_tensor, device_guard, use_triton
 
 __all__ = ["cfg_zero_star_scale"]
 
@@ -75,7 +75,9 @@ def _cfg_zero_star_op(v_cond: torch.Tensor, v_uncond: torch.Tensor, eps: float, 
     part_dot = torch.zeros(B, num_blocks, dtype=torch.float32, device=vc.device)
     part_norm = torch.zeros(B, num_blocks, dtype=torch.float32, device=vc.device)
     if L > 0 and B > 0:
-        _dot_and_norm_kernel[(num_blocks, B)](vc, vu, part_dot, part_norm, L, num_blocks, BLOCK=block, num_warps=warps)
+        with device_guard(vc.device):
+            _dot_and_norm_kernel[(num_blocks, B)](vc, vu, part_dot, part_norm, L, num_blocks, BLOCK=block,
+                                                  num_warps=warps)
     return part_dot.sum(dim=1) / (part_norm.sum(dim=1) + eps)
 
 

@@ -1,7 +1,7 @@
 """Drop-in KV-Lock for diffusers video transformers, and the end-to-end editing loop.
 
     from kvlock_kernels.diffusers import KVLockEditor
-    editor = KVLockEditor(pipe.transformer, pipe.scheduler)          # Wan2.1 or CogVideoX
+    editor = KVLockEditor(pipe.transformer, pipe.scheduler)          # Wan2.1
     latents, trace = editor.edit(source_latents, fg_mask, prompt_embeds,
                                  negative_prompt_embeds, num_steps=50, generator=gen)
     video = pipe.vae.decode(latents / ...)                            # as the pipeline does
@@ -245,7 +245,8 @@ class KVLockEditor:
     """SPEC's editing loop on a diffusers video transformer and flow-matching scheduler.
 
     Arguments:
-        transformer: a WanTransformer3DModel or CogVideoXTransformer3DModel.
+        transformer: a WanTransformer3DModel (the loop is flow matching, as Wan2.1; CogVideoX
+            is supported by ``enable_kvlock`` inside its own pipeline loop).
         noise_scheduler: diffusers' FlowMatchEulerDiscreteScheduler (or another scheduler
             with ``sigmas`` in flow-matching convention and ``step``).
         kv_lock: the KVLockScheduler for alpha/omega (built per edit from ``num_steps``
@@ -264,34 +265,33 @@ class KVLockEditor:
                  progress: bool = True):
         _import_diffusers()
         self.modules = _self_attention_modules(transformer)
+        if type(transformer).__name__ != "WanTransformer3DModel":
+            raise TypeError("KVLockEditor runs SPEC's flow-matching loop, which matches Wan2.1 "
+                            f"(WanTransformer3DModel); got {type(transformer).__name__}. CogVideoX checkpoints are "
+                            "v-prediction DDPM models: use enable_kvlock with the pipeline's own loop")
         if source not in ("branch", "inversion"):
             raise ValueError(f"source must be 'branch' or 'inversion', got {source!r}")
         self.transformer, self.noise_scheduler = transformer, noise_scheduler
         self.kv_lock, self.source = kv_lock, source
         self.cache_capacity, self.backend, self.progress = cache_capacity, backend, progress
-        self.is_cogvideox = type(transformer).__name__ == "CogVideoXTransformer3DModel"
-
-    # Latents are (B, C, F, H, W) for Wan and (B, F, C, H, W) for CogVideoX.
-    def _latent_fcw(self, latents):
-        return latents.transpose(1, 2) if self.is_cogvideox else latents
-
-    def _patch(self):
-        cfg = self.transformer.config
-        if self.is_cogvideox:
-            return (getattr(cfg, "patch_size_t", None) or 1, cfg.patch_size, cfg.patch_size)
-        return tuple(cfg.patch_size)
+        self.model_dtype = transformer.dtype
 
     def _model(self, latents, t, embeds):
+        """The transformer's velocity in fp32; inputs cast to its dtype as WanPipeline does."""
         timestep = t.expand(latents.shape[0]).to(latents.device)
-        return self.transformer(latents, timestep=timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+        v = self.transformer(latents.to(self.model_dtype), timestep=timestep,
+                             encoder_hidden_states=embeds.to(self.model_dtype), return_dict=False)[0]
+        return v.float()
 
+    @torch.no_grad()
     def edit(self, source_latents: torch.Tensor, fg_mask: torch.Tensor, prompt_embeds: torch.Tensor,
              negative_prompt_embeds: torch.Tensor, num_steps: int, generator: Optional[torch.Generator] = None, *,
              source_prompt_embeds: Optional[torch.Tensor] = None):
         """Regenerate the foreground of `source_latents` from the prompt, lock the background.
 
         Arguments:
-            source_latents: (1, C, F, H, W) clean source latents ((1, F, C, H, W) for CogVideoX).
+            source_latents: (1, C, F, H, W) clean source latents (normalised as the pipeline's
+                transformer expects them).
             fg_mask: (F, H, W) latent-resolution foreground mask (``masks.pixel_mask_to_latent``).
             prompt_embeds, negative_prompt_embeds: (1, L, D) text embeddings of the edit.
             num_steps: denoising steps.
@@ -299,7 +299,7 @@ class KVLockEditor:
             source_prompt_embeds: conditioning of the source branch / inversion
                 (default: negative_prompt_embeds).
         Returns:
-            (latents, trace): the edited clean latents, same shape as source_latents, and a
+            (latents, trace): the edited clean latents, fp32, same shape as source_latents, and a
             list of dicts per step with sigma2, alpha, omega and s_star (read from the device
             once, at the end).
         """
@@ -307,18 +307,19 @@ class KVLockEditor:
 
         if source_latents.dim() != 5 or source_latents.shape[0] != 1:
             raise ValueError(f"source_latents must be (1, C, F, H, W), got {tuple(source_latents.shape)}")
-        latent_fcw = self._latent_fcw(source_latents)
-        spatial = tuple(latent_fcw.shape[2:])
+        spatial = tuple(source_latents.shape[2:])
         if tuple(fg_mask.shape) != spatial:
             raise ValueError(f"fg_mask must be the latent-resolution mask (F, H, W) = {spatial}, "
                              f"got {tuple(fg_mask.shape)}")
         for name, e in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
             if e.dim() != 3 or e.shape[0] != 1:
                 raise ValueError(f"{name} must be (1, L, D), got {tuple(e.shape)}")
-        device, dtype = source_latents.device, source_latents.dtype
+        # The loop runs in fp32 (as WanPipeline keeps its latents); only model inputs are cast.
+        device = source_latents.device
+        source_latents = source_latents.float()
         src_embeds = negative_prompt_embeds if source_prompt_embeds is None else source_prompt_embeds
         fg_mask = fg_mask.to(device)
-        tokens = latent_mask_to_tokens(fg_mask, patch=self._patch()).bool()
+        tokens = latent_mask_to_tokens(fg_mask, patch=tuple(self.transformer.config.patch_size)).bool()
         kv_lock = self.kv_lock or KVLockScheduler(num_steps, kappa=min(20, num_steps), window=min(10, num_steps),
                                                   device=device)
         kv_lock.reset()
@@ -329,8 +330,8 @@ class KVLockEditor:
         sched.set_timesteps(num_steps, device=device)
         sigmas = sched.sigmas.to(device=device, dtype=torch.float32)
         timesteps = sched.timesteps
-        noise = torch.randn(source_latents.shape, generator=generator, device="cpu").to(device, dtype)
-        eps = torch.randn(source_latents.shape, generator=generator, device="cpu").to(device, dtype)
+        noise = torch.randn(source_latents.shape, generator=generator, device="cpu").to(device)
+        eps = torch.randn(source_latents.shape, generator=generator, device="cpu").to(device)
         latents = noise
 
         controller = KVLockController(token_fg_mask=tokens, alpha=1.0, backend=self.backend)
@@ -351,7 +352,7 @@ class KVLockEditor:
                     # Bring the next step's layers back while this step computes.
                     controller.cache.prefetch([(k + 1, layer) for layer in range(len(self.modules))])
                 if self.source == "branch":
-                    z_src = ((1 - sigma) * source_latents.float() + sigma * eps.float()).to(dtype)
+                    z_src = (1 - sigma) * source_latents + sigma * eps
                     v = self._model(torch.cat([z_src, latents, latents]), t, embeds)[1:]
                 else:
                     v = self._model(torch.cat([latents, latents]), t, embeds)
@@ -359,7 +360,7 @@ class KVLockEditor:
                 s_star = cfg_zero_star_scale(v_cond, v_uncond, backend=self.backend)
                 guided, x0_hat = kvlock_guidance(v_cond, v_uncond, omega, s_star=s_star, latents=latents,
                                                  sigma=sigma, backend=self.backend, check_inputs=False)
-                kv_lock.update(k, self._latent_fcw(x0_hat), fg_mask)
+                kv_lock.update(k, x0_hat, fg_mask)
                 s_stars.append(s_star[0])
                 latents = sched.step(guided, t, latents, return_dict=False)[0]
         finally:
@@ -375,7 +376,7 @@ class KVLockEditor:
         num_steps = len(timesteps)
         layers = len(self.modules)
         B, S, H, D = self._kv_shape(source_latents, src_embeds)
-        cache = KVRingBuffer(self.cache_capacity or 2 * layers, (S, H, D), source_latents.dtype, source_latents.device,
+        cache = KVRingBuffer(self.cache_capacity or 2 * layers, (S, H, D), self.model_dtype, source_latents.device,
                              host_spill=True)
         controller.cache = cache
         z = source_latents
@@ -383,7 +384,7 @@ class KVLockEditor:
         num_train = getattr(self.noise_scheduler.config, "num_train_timesteps", 1000)
         v = self._model(z, sigmas[num_steps] * num_train, src_embeds)  # velocity at the clean end
         for k in reversed(range(num_steps)):
-            z = (z.float() + (sigmas[k] - sigmas[k + 1]) * v.float()).to(z.dtype)
+            z = z + (sigmas[k] - sigmas[k + 1]) * v
             controller.set_step(k, mode="capture")
             v = self._model(z, timesteps[k], src_embeds)
         controller.mode = "off"
@@ -392,10 +393,7 @@ class KVLockEditor:
     def _kv_shape(self, latents, embeds):
         """(1, S, H, D) of one self-attention layer's K for these latents."""
         attn = self.modules[0][1]
-        fcw = self._latent_fcw(latents)
-        pt, ph, pw = self._patch()
-        S = math.prod((fcw.shape[2] // pt, fcw.shape[3] // ph, fcw.shape[4] // pw))
-        if self.is_cogvideox:
-            S += embeds.shape[1]
+        pt, ph, pw = self.transformer.config.patch_size
+        S = math.prod((latents.shape[2] // pt, latents.shape[3] // ph, latents.shape[4] // pw))
         heads = attn.heads
         return 1, S, heads, attn.to_k.out_features // heads

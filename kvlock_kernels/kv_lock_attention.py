@@ -28,7 +28,7 @@ import triton.language as tl
 
 from . import reference
 from ._triton_helpers import cast_for_store
-from ._utils import (check_same_device, check_tensor, host_checks_allowed,
+from ._utils import (check_same_device, check_tensor, device_guard, host_checks_allowed,
                      triton_interpreting, use_triton)
 
 __all__ = ["kv_lock_attention", "KERNEL_CONFIGS", "configs_for_head_dim"]
@@ -224,9 +224,8 @@ def _prune_configs(configs, named_args, **kwargs):
 
 _kv_lock_attn_fwd_tuned = triton.autotune(
     configs=_autotune_configs(),
-    # The strides decide alignment, hence the candidate set: part of the key.
-    key=["HEAD_DIM", "HAS_LOCK", "STORE_LSE", "seqlen_q", "seqlen_kv", "stride_qs", "stride_qh",
-         "stride_ks", "stride_kh", "stride_kss", "stride_ksh"],
+    # The strides decide alignment, hence the candidate set: all of them are in the key.
+    key=["HEAD_DIM", "HAS_LOCK", "STORE_LSE", "seqlen_q", "seqlen_kv", *_ROW_STRIDES],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_kv_lock_attn_fwd)
 
@@ -337,7 +336,8 @@ def _kv_lock_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device) if return_lse else None
     impl = select_backend(q.device, q.dtype, lock is not None, backend)
     if impl == "triton":
-        _launch_triton(q, k, v, k_src, v_src, lock, out, lse, softmax_scale)
+        with device_guard(q.device):
+            _launch_triton(q, k, v, k_src, v_src, lock, out, lse, softmax_scale)
     elif impl == "flash":
         res, res_lse = _run_flash(q, k, v, softmax_scale, return_lse)
         out.copy_(res)

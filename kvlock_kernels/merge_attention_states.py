@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import reference
 from ._triton_helpers import cast_for_store
-from ._utils import check_same_device, check_tensor, use_triton, triton_interpreting
+from ._utils import check_same_device, check_tensor, device_guard, triton_interpreting, use_triton
 
 __all__ = ["merge_attention_states"]
 
@@ -110,6 +110,12 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, layout: str = "bshd", 
     b = b if b.stride(-1) == 1 else b.contiguous()
     block_s, warps = (64, 1) if triton_interpreting() else LAUNCH_CONFIG
     grid = (triton.cdiv(S, block_s), B * H)
+    with device_guard(a.device):
+        _launch_merge(grid, a, lse_a, b, lse_b, out_v, lse, H, S, D, block_s, warps)
+    return out, lse
+
+
+def _launch_merge(grid, a, lse_a, b, lse_b, out_v, lse, H, S, D, block_s, warps):
     _merge_states_kernel[grid](
         a, lse_a.contiguous(), b, lse_b.contiguous(), out_v, lse,
         a.stride(0), a.stride(1), a.stride(2),
@@ -118,4 +124,3 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, layout: str = "bshd", 
         H, S, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_S=block_s,
         INTERPRET=triton_interpreting(), num_warps=warps,
     )
-    return out, lse

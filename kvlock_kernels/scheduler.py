@@ -78,6 +78,9 @@ class KVLockScheduler:
         self.tau, self.omega0, self.b = float(tau), float(omega0), float(b)
         self.alpha_pre, self.omega_lower = float(alpha_pre), float(omega_lower)
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and self.device.index is None:
+            # CUDA tensors always carry an index: compare against the same form.
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._alpha_pre_t = torch.tensor(self.alpha_pre, dtype=torch.float32, device=self.device)
         self._omega0_t = torch.tensor(self.omega0, dtype=torch.float32, device=self.device)
         self._undefined = torch.tensor(float("nan"), dtype=torch.float32, device=self.device)
