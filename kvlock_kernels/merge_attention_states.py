@@ -90,12 +90,21 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, layout: str = "bshd", 
         raise ValueError(f"out_b must match out_a: shape {tuple(out_a.shape)} dtype {out_a.dtype}, "
                          f"got {tuple(out_b.shape)} {out_b.dtype}")
     a = out_a.transpose(1, 2) if layout == "bhsd" else out_a
-    b = out_b.transpose(1, 2) if layout == "bhsd" else out_b
     B, S, H, D = a.shape
     for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
         if tuple(t.shape) != (B, H, S):
             raise ValueError(f"{name} must have shape (B, H, S)={(B, H, S)}, got {tuple(t.shape)}")
 
+    use_triton(a.device, backend)  # an impossible backend raises here, before the op
+    return _merge_op(out_a, lse_a, out_b, lse_b, layout, backend)
+
+
+@torch.library.custom_op("kvlock_kernels::merge_attention_states", mutates_args=())
+def _merge_op(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor, layout: str,
+              backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    a = out_a.transpose(1, 2) if layout == "bhsd" else out_a
+    b = out_b.transpose(1, 2) if layout == "bhsd" else out_b
+    B, S, H, D = a.shape
     if not use_triton(a.device, backend):
         out, lse = reference.merge_attention_states(a, lse_a, b, lse_b)
         out = out.transpose(1, 2).contiguous() if layout == "bhsd" else out.contiguous()
@@ -113,6 +122,11 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, layout: str = "bshd", 
     with device_guard(a.device):
         _launch_merge(grid, a, lse_a, b, lse_b, out_v, lse, H, S, D, block_s, warps)
     return out, lse
+
+
+@_merge_op.register_fake
+def _(out_a, lse_a, out_b, lse_b, layout, backend):
+    return torch.empty_like(out_a, memory_format=torch.contiguous_format), torch.empty_like(lse_a)
 
 
 def _launch_merge(grid, a, lse_a, b, lse_b, out_v, lse, H, S, D, block_s, warps):

@@ -3,7 +3,7 @@ import torch
 
 from kvlock_kernels import kv_lock_attention, merge_attention_states, reference
 
-from helpers import ATOL, assert_fa_close
+from helpers import ATOL
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -70,3 +70,10 @@ def test_merge_bad_input(args, msg):
     a, l = torch.randn(1, 6, 2, 16), torch.randn(1, 2, 6)
     with pytest.raises((ValueError, TypeError), match=msg):
         merge_attention_states(*args(a, l))
+
+
+def test_merge_compiles_fullgraph():
+    a, b = torch.randn(1, 9, 2, 16), torch.randn(1, 9, 2, 16)
+    la, lb = torch.randn(1, 2, 9), torch.randn(1, 2, 9)
+    fn = torch.compile(lambda *t: merge_attention_states(*t)[0] * 2, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(a, la, b, lb), 2 * reference.merge_attention_states(a, la, b, lb)[0])
