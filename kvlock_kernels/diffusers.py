@@ -375,7 +375,7 @@ class KVLockEditor:
         step's self-attention K/V (batch entry 0) under (step, layer)."""
         num_steps = len(timesteps)
         layers = len(self.modules)
-        B, S, H, D = self._kv_shape(source_latents, src_embeds)
+        S, H, D = self._kv_shape(source_latents)
         cache = KVRingBuffer(self.cache_capacity or 2 * layers, (S, H, D), self.model_dtype, source_latents.device,
                              host_spill=True)
         controller.cache = cache
@@ -390,10 +390,10 @@ class KVLockEditor:
         controller.mode = "off"
         return cache
 
-    def _kv_shape(self, latents, embeds):
-        """(1, S, H, D) of one self-attention layer's K for these latents."""
+    def _kv_shape(self, latents):
+        """(S, H, D) of one self-attention layer's K for one batch entry of these latents."""
         attn = self.modules[0][1]
         pt, ph, pw = self.transformer.config.patch_size
         S = math.prod((latents.shape[2] // pt, latents.shape[3] // ph, latents.shape[4] // pw))
         heads = attn.heads
-        return 1, S, heads, attn.to_k.out_features // heads
+        return S, heads, attn.to_k.out_features // heads

@@ -68,13 +68,13 @@ def _guidance_kernel(
         tl.store(X0 + base + offs, cast_for_store(lat - sigma * guided, X0, INTERPRET), mask=ok)
 
 
-def _scalar_or_tensor(name, value, batch, device, *, check_values, allow_negative):
+def _scalar_or_tensor(name, value, batch, device, *, check_values):
     """Normalise a per-sample control: a Python number, or a tensor of shape () or (B,)."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a float or a tensor, got bool")
     if isinstance(value, numbers.Real):
         value = float(value)
-        if math.isnan(value) or (not allow_negative and value < 0):
+        if math.isnan(value) or value < 0:
             raise ValueError(f"{name} must be a non-negative number (not NaN), got {value}")
         return None, value
     if not isinstance(value, torch.Tensor):
@@ -86,7 +86,7 @@ def _scalar_or_tensor(name, value, batch, device, *, check_values, allow_negativ
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but v_cond is on {device}")
     if check_values and host_checks_allowed():
-        bad = torch.isnan(value) if allow_negative else ~(value >= 0)
+        bad = ~(value >= 0)  # NaN fails the comparison too
         if bool(bad.any()):
             raise ValueError(f"{name} must be non-negative and not NaN, got {value.tolist()}")
     return value.reshape(-1), 0.0
@@ -114,7 +114,7 @@ def kvlock_guidance(v_cond: torch.Tensor, v_uncond: torch.Tensor, omega, *,
     check_prediction_pair(v_cond, v_uncond)
     B = v_cond.shape[0]
     dev = v_cond.device
-    omega_t, omega_v = _scalar_or_tensor("omega", omega, B, dev, check_values=check_inputs, allow_negative=False)
+    omega_t, omega_v = _scalar_or_tensor("omega", omega, B, dev, check_values=check_inputs)
     if s_star is not None:
         check_tensor("s_star", s_star, dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16))
         if tuple(s_star.shape) != (B,):
@@ -127,8 +127,7 @@ def kvlock_guidance(v_cond: torch.Tensor, v_uncond: torch.Tensor, omega, *,
         if latents.shape != v_cond.shape:
             raise ValueError(f"latents must have v_cond's shape {tuple(v_cond.shape)}, got {tuple(latents.shape)}")
         check_same_device(latents=latents, v_cond=v_cond)
-        sigma_t, sigma_v = _scalar_or_tensor("sigma", sigma, B, dev, check_values=check_inputs,
-                                             allow_negative=False)
+        sigma_t, sigma_v = _scalar_or_tensor("sigma", sigma, B, dev, check_values=check_inputs)
 
     if latents is None:
         sigma_t, sigma_v = None, 0.0
