@@ -11,7 +11,7 @@ KVLOCK_SKIP_EXTENSION=1 to install the pure-Python part only.
 """
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ext_modules, cmdclass = [], {}
 try:
@@ -36,22 +36,5 @@ if torch is not None and os.environ.get("KVLOCK_SKIP_EXTENSION") != "1":
         ext_modules.append(CppExtension("kvlock_kernels._C", sources, extra_compile_args=cxx_flags))
     cmdclass = {"build_ext": BuildExtension}
 
-setup(
-    name="kvlock-kernels",
-    version="0.1.0",
-    description="Fused KV-Lock attention and control kernels for training-free video editing",
-    long_description=open("README.md", encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["kvlock_kernels", "kvlock_kernels.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.5", "triton>=3.2", "numpy"],
-    extras_require={
-        # The tests cover the diffusers integration and the examples, so they bring both.
-        "test": ["pytest>=8", "pytest-benchmark>=4", "diffusers>=0.35", "tqdm", "matplotlib"],
-        "bench": ["matplotlib"],
-        "diffusers": ["diffusers>=0.35", "tqdm"],
-        "flash": ["flash-attn>=2.6"],
-    },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+# Metadata, dependencies and extras are in pyproject.toml; this file adds the extension.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -14,7 +14,7 @@ On a CUDA machine: SPEC's shapes (Wan2.1-1.3B/14B, CogVideoX-5B with text, Hunyu
 batch 2 and 3, foreground 0.1 / 0.3 / 1.0.  On a CPU-only machine: a reduced sweep of the
 PyTorch paths, labelled as CPU times; correctness through the Triton interpreter at small
 shapes; the bytes model as the only GPU prediction; and the static GPU report of
-``kvlock_kernels.inspect`` (registers, spills, shared memory, HGMMA per kernel config).
+``kvlock_kernels.tools.gpu_report`` (registers, spills, shared memory, HGMMA per kernel config).
 """
 from __future__ import annotations
 
@@ -168,10 +168,8 @@ def main(argv=None) -> int:
         print(f"- {c['op']} [{c['case']}]: {c['detail']}: {'PASS' if c['ok'] else 'FAIL'}")
 
     if "attention" in ops:
-        if HAS_CUDA:
-            shapes, batches, fgs = (GPU_SHAPES[:1], (2,), (0.3,)) if args.quick else (GPU_SHAPES, (2, 3), (0.1, 0.3, 1.0))
-        else:
-            shapes, batches, fgs = (CPU_SHAPES_QUICK, (2,), (0.3,)) if args.quick else (CPU_SHAPES, (2, 3), (0.1, 0.3, 1.0))
+        all_shapes, quick_shapes = (GPU_SHAPES, GPU_SHAPES[:1]) if HAS_CUDA else (CPU_SHAPES, CPU_SHAPES_QUICK)
+        shapes, batches, fgs = (quick_shapes, (2,), (0.3,)) if args.quick else (all_shapes, (2, 3), (0.1, 0.3, 1.0))
         rows = attention.run(shapes, batches, fgs, device, peaks, repeats)
         report["rows"] += rows
         print("\n## kv_lock_attention (bf16)")
@@ -230,13 +228,13 @@ def main(argv=None) -> int:
                 print(f"| {n} | {g:.2f} | {b} | {bg:.2f} |")
 
     if "inspect" in ops:
-        from kvlock_kernels import inspect as kinspect
+        from kvlock_kernels.tools import gpu_report as kinspect
 
         jobs = kinspect.default_jobs(all_configs=not args.quick)
         reports = kinspect.run(jobs)
         report["inspect"] = [vars(r) for r in reports]
         bad = [r for r in reports if not r.ok]
-        print(f"\n## static GPU report (kvlock_kernels.inspect{'' if args.quick else ' --all'}): "
+        print(f"\n## static GPU report (kvlock_kernels.tools.gpu_report{'' if args.quick else ' --all'}): "
               f"{len(reports) - len(bad)}/{len(reports)} configs clean\n")
         print(kinspect.format_table(reports))
         report["checks"].append(dict(op="inspect", case=f"{len(reports)} configs", ok=not bad,

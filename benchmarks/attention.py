@@ -88,7 +88,8 @@ def run(shapes, batches, fg_fractions, device, peaks, repeats, dtype=torch.bfloa
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
                     try:
-                        med, lo, hi = time_fn(lambda: fn(*inputs), warmup=1, repeats=repeats, device=device)
+                        med, lo, hi = time_fn(lambda fn=fn, inputs=inputs: fn(*inputs), warmup=1, repeats=repeats,
+                                              device=device)
                     except Exception as e:  # a provider failing on a shape is a result, not a crash
                         rows.append(dict(row, status=f"failed: {type(e).__name__}: {e}"[:200]))
                         continue

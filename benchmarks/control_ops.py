@@ -165,7 +165,7 @@ def run(device, peaks, repeats):
             if fn is None:
                 rows.append(dict(row, status="unavailable: Triton needs a GPU"))
                 continue
-            med, lo, hi = time_fn(lambda: fn(t), warmup=1, repeats=repeats, device=device)
+            med, lo, hi = time_fn(lambda fn=fn: fn(t), warmup=1, repeats=repeats, device=device)
             rows.append(dict(row, status="ok", median_ms=med, min_ms=lo, max_ms=hi, model_bytes=nbytes,
                              gbps=nbytes / (med * 1e-3) / 1e9,
                              roofline_pct=roofline_percent(0.0, nbytes, med * 1e-3, peaks),

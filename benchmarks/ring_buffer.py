@@ -86,7 +86,8 @@ def ring_buffer_rows(device, slot_shape, capacity=4, n_entries=8, repeats=3):
     t_spill = _wall(spilling_puts, device, repeats)
     # Bytes moved: n puts into slots + (n - capacity) spills to the host.
     moved = n_entries * pair_bytes + (n_entries - capacity) * pair_bytes
-    rows.append(("put with host spill", gbps(moved, t_spill), "copy_ device -> host", gbps(capacity * pair_bytes, t_d2h)))
+    rows.append(("put with host spill", gbps(moved, t_spill), "copy_ device -> host",
+                 gbps(capacity * pair_bytes, t_d2h)))
     t_replay = _wall(replay, device, repeats, setup=spilling_puts)
     # The replay reads the resident entries in place and brings back the (n - capacity)
     # spilled ones; bytes counted: those brought back.

@@ -11,17 +11,36 @@ Control and masks:
     masks                   pixel -> latent -> token masks, lock weights
 Cache:
     KVRingBuffer            (step, layer)-keyed K/V slots with host spill (C++ extension)
-"""
-from . import masks, reference
-from .branch_variance import branch_variance
-from .cfg_zero_star_scale import cfg_zero_star_scale
-from .kv_lock_attention import kv_lock_attention
-from .kvlock_guidance import kvlock_guidance
-from .merge_attention_states import merge_attention_states
-from .ring_buffer import KVRingBuffer
-from .scheduler import KVLockScheduler
 
-__version__ = "0.1.0"
+Layout: ``attention/`` (attention ops), ``control/`` (control loop, masks), ``cache/``
+(ring buffer), ``integrations/diffusers/`` (processors, adapters, editor; the public
+entry is ``kvlock_kernels.diffusers``), ``reference/`` (oracles and CPU paths),
+``tools/`` (GPU report).
+"""
+import sys as _sys
+
+from . import reference
+from .attention.kv_lock_attention import kv_lock_attention
+from .attention.merge_attention_states import merge_attention_states
+from .cache.ring_buffer import KVRingBuffer
+from .control import masks
+from .control.branch_variance import branch_variance
+from .control.cfg_zero_star_scale import cfg_zero_star_scale
+from .control.kvlock_guidance import kvlock_guidance
+from .control.scheduler import KVLockScheduler
+
+# The flat module paths of earlier releases (``kvlock_kernels.kv_lock_attention`` and so
+# on) name the same module objects, so ``import kvlock_kernels.masks`` keeps working.
+# (The package attributes of the op names are the functions, so the modules are taken
+# from sys.modules.)
+for _name, _where in (("kv_lock_attention", "attention"), ("merge_attention_states", "attention"),
+                      ("branch_variance", "control"), ("cfg_zero_star_scale", "control"),
+                      ("kvlock_guidance", "control"), ("masks", "control"), ("scheduler", "control"),
+                      ("ring_buffer", "cache")):
+    _sys.modules[f"{__name__}.{_name}"] = _sys.modules[f"{__name__}.{_where}.{_name}"]
+del _name, _where
+
+__version__ = "0.2.0"
 __all__ = [
     "KVLockScheduler",
     "KVRingBuffer",

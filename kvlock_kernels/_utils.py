@@ -1,4 +1,5 @@
-"""Small helpers shared by the ops: backend resolution and argument checks."""
+"""Small helpers shared by the ops: backend resolution and launch guards (argument checks
+are in ``_validate``)."""
 from __future__ import annotations
 
 import contextlib
@@ -6,7 +7,6 @@ import os
 
 import torch
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -41,26 +41,6 @@ def host_checks_allowed() -> bool:
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return False
     return True
-
-
-def check_tensor(name: str, t, *, dtypes=SUPPORTED_DTYPES, ndim: int | None = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if dtypes is not None and t.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-
-
-def check_same_device(**tensors) -> torch.device:
-    devices = {n: t.device for n, t in tensors.items() if t is not None}
-    first = next(iter(devices.values()))
-    for n, d in devices.items():
-        if d != first:
-            listing = ", ".join(f"{k} on {v}" for k, v in devices.items())
-            raise ValueError(f"all tensors must be on one device, got {listing}")
-    return first
 
 
 def device_guard(device: torch.device):

@@ -10,8 +10,7 @@ diffusers = pytest.importorskip("diffusers")  # installed by the test command ([
 from diffusers import CogVideoXTransformer3DModel, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel  # noqa: E402
 
 from kvlock_kernels import KVLockScheduler, KVRingBuffer  # noqa: E402
-from kvlock_kernels.diffusers import (KVLockController, KVLockEditor, disable_kvlock,  # noqa: E402
-                                      enable_kvlock)
+from kvlock_kernels.diffusers import KVLockController, KVLockEditor, disable_kvlock, enable_kvlock  # noqa: E402
 from kvlock_kernels.masks import latent_mask_to_tokens  # noqa: E402
 
 F, H, W = 3, 8, 8

@@ -7,12 +7,11 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ATOL, assert_fa_close
 
 import kvlock_kernels
 from kvlock_kernels import kv_lock_attention, reference
 from kvlock_kernels.kv_lock_attention import INTERPRETER_CONFIG, select_backend
-
-from helpers import ATOL, assert_fa_close
 
 # The package attribute kv_lock_attention is the function; the module lives in sys.modules.
 KLA_MODULE = importlib.import_module("kvlock_kernels.kv_lock_attention")
@@ -211,7 +210,7 @@ def test_torch_backend_lse_in_query_chunks():
 def test_lse_matches_logsumexp_of_scores():
     q, k, v, ks, vs, lock = make_inputs(2, 33, 90, 4, 1, 80, torch.float32)
     _, lse = kv_lock_attention(q, k, v, ks, vs, lock, return_lse=True, backend="triton")
-    kb, _ = reference.blend_kv(k, v, ks, vs, lock, dtype=torch.float32)
+    kb, _ = reference.lock_kv(k, v, lock, k_src=ks, v_src=vs)
     kb = kb.repeat_interleave(4, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, kb) / 80 ** 0.5
     torch.testing.assert_close(lse, torch.logsumexp(scores, dim=-1), atol=1e-5, rtol=1e-5)

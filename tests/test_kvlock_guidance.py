@@ -1,9 +1,8 @@
 import pytest
 import torch
+from helpers import ATOL
 
 from kvlock_kernels import cfg_zero_star_scale, kvlock_guidance, reference
-
-from helpers import ATOL
 
 SHAPE = (2, 16, 3, 10, 13)
 
@@ -48,8 +47,9 @@ def test_half_dtypes_round_once(dtype):
     assert g.dtype == dtype and x0.dtype == dtype
     # Same fp32 math, one rounding: equal up to one ulp of the output.
     torch.testing.assert_close(g, ref_g, rtol=0, atol=ATOL[dtype] * 16)
-    assert (g.float() - ref_g.float()).abs().max() <= ref_g.float().abs().max() * (2 ** -8 if dtype == torch.bfloat16 else 2 ** -11)
-    assert (x0.float() - ref_x0.float()).abs().max() <= ref_x0.float().abs().max() * (2 ** -8 if dtype == torch.bfloat16 else 2 ** -11)
+    ulp = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11
+    assert (g.float() - ref_g.float()).abs().max() <= ref_g.float().abs().max() * ulp
+    assert (x0.float() - ref_x0.float()).abs().max() <= ref_x0.float().abs().max() * ulp
 
 
 def test_reference_matches_formula():

@@ -1,9 +1,8 @@
 import pytest
 import torch
+from helpers import ATOL
 
 from kvlock_kernels import kv_lock_attention, merge_attention_states, reference
-
-from helpers import ATOL
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -61,15 +60,15 @@ def test_merge_kernel_matches_reference_merge():
 
 
 @pytest.mark.parametrize("args, msg", [
-    (lambda a, l: (a, l, a[:, :4], l), "out_b must match out_a"),
-    (lambda a, l: (a, l, a, l[:, :1]), r"lse_b must have shape \(B, H, S\)"),
-    (lambda a, l: (a, l.half(), a, l), "lse_a must have dtype"),
-    (lambda a, l: (a, l, a.double(), l), "out_b must have dtype"),
+    (lambda a, lse: (a, lse, a[:, :4], lse), "out_b must match out_a"),
+    (lambda a, lse: (a, lse, a, lse[:, :1]), r"lse_b must have shape \(B, H, S\)"),
+    (lambda a, lse: (a, lse.half(), a, lse), "lse_a must have dtype"),
+    (lambda a, lse: (a, lse, a.double(), lse), "out_b must have dtype"),
 ])
 def test_merge_bad_input(args, msg):
-    a, l = torch.randn(1, 6, 2, 16), torch.randn(1, 2, 6)
+    a, lse = torch.randn(1, 6, 2, 16), torch.randn(1, 2, 6)
     with pytest.raises((ValueError, TypeError), match=msg):
-        merge_attention_states(*args(a, l))
+        merge_attention_states(*args(a, lse))
 
 
 def test_merge_compiles_fullgraph():

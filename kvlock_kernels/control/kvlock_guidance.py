@@ -17,10 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
-from ._triton_helpers import cast_for_store
-from ._utils import (check_same_device, check_tensor, device_guard, host_checks_allowed, triton_interpreting,
-                     use_triton)
+from .. import reference
+from .._triton_helpers import cast_for_store
+from .._utils import device_guard, host_checks_allowed, triton_interpreting, use_triton
+from .._validate import check_same_device, check_tensor
 from .cfg_zero_star_scale import check_prediction_pair
 
 __all__ = ["kvlock_guidance"]
@@ -158,7 +158,8 @@ def _guidance_op(v_cond: torch.Tensor, v_uncond: torch.Tensor, omega_t: Optional
         with device_guard(vc.device):
             _guidance_kernel[(triton.cdiv(L, block), B)](
                 vc, vu, lat, guided, x0 if with_x0 else guided,
-                omega_t if omega_t is not None else vc, omega_v, 1 if omega_t is not None and omega_t.numel() > 1 else 0,
+                omega_t if omega_t is not None else vc, omega_v,
+                1 if omega_t is not None and omega_t.numel() > 1 else 0,
                 s_star if s_star is not None else vc, s_star.stride(0) if s_star is not None else 0,
                 sigma_t if sigma_t is not None else vc, sigma_v,
                 1 if sigma_t is not None and sigma_t.numel() > 1 else 0,

@@ -7,8 +7,9 @@
 
 One read of x: each program owns a block of spatial positions of one sample, walks the
 channels and the N predictions accumulating sums of x_n - x_0 (shifted by the first
-prediction: stable for large means, unlike a raw sum of squares), writes its var_map block and a partial masked sum and count.  The
-partials are reduced in a fixed order afterwards, so the result is deterministic.
+prediction: stable for large means, unlike a raw sum of squares), writes its var_map
+block and a partial masked sum and count.  The partials are reduced in a fixed order
+afterwards, so the result is deterministic.
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
-from ._utils import check_same_device, check_tensor, device_guard, use_triton
+from .. import reference
+from .._utils import device_guard, use_triton
+from .._validate import check_same_device, check_tensor
 
 __all__ = ["branch_variance"]
 

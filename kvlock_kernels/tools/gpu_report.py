@@ -9,8 +9,8 @@ the Triton wheel:
     (HGMMA = Hopper warpgroup MMA; HMMA = Ampere-style mma.sync), and the number of
     asynchronous global->shared copies (LDGSTS / UTMALDG: the loads are pipelined).
 
-    python -m kvlock_kernels.inspect                 # default configs
-    python -m kvlock_kernels.inspect --all           # every dtype, head dim and config
+    python -m kvlock_kernels.tools.gpu_report                 # default configs
+    python -m kvlock_kernels.tools.gpu_report --all           # every dtype, head dim and config
 
 Exits 1 when any config spills or needs more shared memory than the device has.
 """
@@ -59,7 +59,7 @@ def _bin(name: str) -> str:
 
 
 def _attention_job(arch, dtype_name, head_dim, config, has_lock=True, store_lse=True):
-    from .kv_lock_attention import _kv_lock_attn_fwd, kernel_constexprs
+    from ..attention.kv_lock_attention import _kv_lock_attn_fwd, kernel_constexprs
     bm, bn, warps, stages = config
     const = kernel_constexprs(DTYPE_NAMES[dtype_name], head_dim, has_lock=has_lock, store_lse=store_lse)
     const.update(BLOCK_M=bm, BLOCK_N=bn)
@@ -73,7 +73,8 @@ def _attention_job(arch, dtype_name, head_dim, config, has_lock=True, store_lse=
 
 def _merge_job(arch, dtype_name, head_dim, config):
     import triton
-    from .merge_attention_states import _merge_states_kernel
+
+    from ..attention.merge_attention_states import _merge_states_kernel
     block_s, warps = config
     const = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                  BLOCK_S=block_s, INTERPRET=False)
@@ -84,7 +85,7 @@ def _merge_job(arch, dtype_name, head_dim, config):
 
 
 def _branch_variance_job(arch, dtype_name, head_dim, config):
-    from .branch_variance import _branch_variance_kernel
+    from ..control.branch_variance import _branch_variance_kernel
     block, warps = config
     types = dict(X="*" + dtype_name, MASK="*u8", VAR="*fp32", PART_SUM="*fp32", PART_CNT="*fp32",
                  inv_preds="fp32", inv_dof="fp32", inv_channels="fp32")
@@ -93,7 +94,7 @@ def _branch_variance_job(arch, dtype_name, head_dim, config):
 
 
 def _cfg_zero_star_job(arch, dtype_name, head_dim, config):
-    from .cfg_zero_star_scale import _dot_and_norm_kernel
+    from ..control.cfg_zero_star_scale import _dot_and_norm_kernel
     block, warps = config
     types = dict(VC="*" + dtype_name, VU="*" + dtype_name, PART_DOT="*fp32", PART_NORM="*fp32")
     return dict(fn=_dot_and_norm_kernel, const=dict(BLOCK=block), types=types, warps=warps, stages=1,
@@ -101,7 +102,7 @@ def _cfg_zero_star_job(arch, dtype_name, head_dim, config):
 
 
 def _guidance_job(arch, dtype_name, head_dim, config):
-    from .kvlock_guidance import _guidance_kernel
+    from ..control.kvlock_guidance import _guidance_kernel
     block, warps = config
     ptr = "*" + dtype_name
     types = dict(VC=ptr, VU=ptr, LAT=ptr, GUIDED=ptr, X0=ptr, OMEGA_PTR="*fp32", S_PTR="*fp32",
@@ -167,12 +168,13 @@ def compile_and_read(kernel, arch, dtype_name, head_dim, config) -> Report:
 
 
 def default_jobs(all_configs: bool = False, archs=(80, 90)):
-    import importlib
+    import sys
 
-    from .kv_lock_attention import configs_for_head_dim
+    from ..attention.kv_lock_attention import configs_for_head_dim
+    # Modules, not the op functions of the same names that the packages export.
     merge_attention_states, branch_variance, cfg_zero_star_scale, kvlock_guidance = (
-        importlib.import_module(f"kvlock_kernels.{m}")
-        for m in ("merge_attention_states", "branch_variance", "cfg_zero_star_scale", "kvlock_guidance"))
+        sys.modules[f"kvlock_kernels.{m}"] for m in ("attention.merge_attention_states", "control.branch_variance",
+                                                      "control.cfg_zero_star_scale", "control.kvlock_guidance"))
     dtypes = ("bf16", "fp16") if all_configs else ("bf16",)
     head_dims = ALL_HEAD_DIMS if all_configs else DEFAULT_HEAD_DIMS
     jobs = []
@@ -217,7 +219,7 @@ def run(jobs, workers: int | None = None):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvlock_kernels.inspect", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m kvlock_kernels.tools.gpu_report", description=__doc__.split("\n")[0])
     ap.add_argument("--all", action="store_true", help="every dtype, head dim and autotune config")
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_LIMIT))
     ap.add_argument("--workers", type=int, default=None)

@@ -4,12 +4,12 @@ import os
 import subprocess
 import sys
 
-from kvlock_kernels import inspect as kinspect
+from kvlock_kernels.tools import gpu_report as kinspect
 
 
 def test_inspect_default_configs_clean():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "kvlock_kernels.inspect"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "kvlock_kernels.tools.gpu_report"], capture_output=True, text=True,
                           timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| kv_lock_attention")]

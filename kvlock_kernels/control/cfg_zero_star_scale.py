@@ -12,8 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
-from ._utils import check_same_device, check_tensor, device_guard, use_triton
+from .. import reference
+from .._utils import device_guard, use_triton
+from .._validate import check_same_device, check_tensor
 
 __all__ = ["cfg_zero_star_scale"]
 

@@ -26,10 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
-from ._triton_helpers import cast_for_store
-from ._utils import (check_same_device, check_tensor, device_guard, host_checks_allowed,
-                     triton_interpreting, use_triton)
+from .. import reference
+from .._triton_helpers import cast_for_store
+from .._utils import device_guard, host_checks_allowed, triton_interpreting, use_triton
+from .._validate import check_same_device, check_tensor
 
 __all__ = ["kv_lock_attention", "KERNEL_CONFIGS", "configs_for_head_dim"]
 

@@ -14,9 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
-from ._triton_helpers import cast_for_store
-from ._utils import check_same_device, check_tensor, device_guard, triton_interpreting, use_triton
+from .. import reference
+from .._triton_helpers import cast_for_store
+from .._utils import device_guard, triton_interpreting, use_triton
+from .._validate import check_same_device, check_tensor
 
 __all__ = ["merge_attention_states"]
 
