@@ -4,21 +4,30 @@
 
 Every op is checked against its reference, then timed beside its alternatives:
 kv_lock_attention against the unfused blend + SDPA, SDPA without blending (the
-ceiling), flash-attn and FlexAttention; the control ops and merge_attention_states
-against the eager PyTorch they replace; the KV ring buffer against plain copies.  Rows
-report median and spread, TFLOP/s, effective GB/s from a bytes model, percent of the
-device roofline and peak memory.  Output: markdown on stdout, results.json and PNG plots
-under --out.
+ceiling), flash-attn and FlexAttention; the two routed paths of a locked call (the
+blend pass then FA3 / FA2 / SDPA, or the fused kernel) at alpha 0 / 0.5 / 1 with the
+cost model's prediction and route printed beside the measurements; engineer B's blend
+ops (``lock_kv``, ``qkv_epilogue``: ``benchmarks/blend.py``); the control ops and
+merge_attention_states against the eager PyTorch they replace; the KV ring buffer
+against plain copies.  Rows report median and spread, TFLOP/s, effective GB/s from a
+bytes model, percent of the device roofline and peak memory.
+
+The model section (``benchmarks/model.py``) computes every design from the real lock at
+SPEC's shapes (block classes, modelled time per path, the route, a 50-step edit) and
+checks that the route stays within 1.03x of plain attention.  Output: markdown on
+stdout, results.json and PNG plots under --out.
 
 On a CUDA machine: SPEC's shapes (Wan2.1-1.3B/14B, CogVideoX-5B with text, HunyuanVideo),
 batch 2 and 3, foreground 0.1 / 0.3 / 1.0.  On a CPU-only machine: a reduced sweep of the
 PyTorch paths, labelled as CPU times; correctness through the Triton interpreter at small
-shapes; the bytes model as the only GPU prediction; and the static GPU report of
+shapes; the model as the only GPU prediction; and the static GPU report of
 ``kvlock_kernels.tools.gpu_report`` (registers, spills, shared memory, HGMMA per kernel config).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect as pyinspect
 import json
 import os
 import platform
@@ -35,10 +44,19 @@ if not HAS_CUDA:
 import triton  # noqa: E402
 
 from . import attention, control_ops, merge  # noqa: E402
-from .common import CPU_SHAPES, CPU_SHAPES_QUICK, GPU_SHAPES, INTERP_SHAPES, device_peaks  # noqa: E402
+from . import model as perf_model  # noqa: E402
+from .common import (  # noqa: E402
+    COGVIDEOX_5B,
+    CPU_SHAPES,
+    CPU_SHAPES_QUICK,
+    GPU_SHAPES,
+    INTERP_SHAPES,
+    WAN_1_3B,
+    device_peaks,
+)
 from .ring_buffer import CPU_SLOT, WAN_SLOT, ring_buffer_rows  # noqa: E402
 
-OPS = ("attention", "merge", "control", "ring_buffer", "inspect")
+OPS = ("attention", "paths", "blend", "model", "merge", "control", "ring_buffer", "inspect")
 
 
 def git_commit() -> str:
@@ -79,6 +97,10 @@ def run_checks(device, ops):
                 ok, msg = attention.check(shape, torch.bfloat16, device, backend)
                 checks.append(dict(op="kv_lock_attention", case=f"{shape.name} S={shape.seqlen} backend={backend}",
                                    ok=ok, detail=msg))
+    if "attention" in ops or "paths" in ops:
+        for backend, ok, msg in attention.check_plain(device):
+            checks.append(dict(op="plain_attention", case=f"backend={backend} B2 Sq77 Skv91 H4/2 D64 bf16 +lse",
+                               ok=ok, detail=msg))
     if "merge" in ops:
         ok, msg = merge.check(device)
         checks.append(dict(op="merge_attention_states", case="B2 S70 H3 D80 bf16", ok=ok, detail=msg))
@@ -98,6 +120,94 @@ def run_checks(device, ops):
         checks.append(dict(op="KVRingBuffer", case="5 entries through 2 slots with host spill", ok=ok,
                            detail="bit-exact round trips" if ok else "MISMATCH"))
     return checks
+
+
+def _call(fn, **kwargs):
+    """Call ``fn`` with the keyword arguments its signature accepts."""
+    params = pyinspect.signature(fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def _first(mod, *names):
+    for n in names:
+        fn = getattr(mod, n, None)
+        if callable(fn):
+            return fn
+    return None
+
+
+def blend_section(device, peaks, repeats, quick):
+    """Engineer B's ``benchmarks/blend.py`` (lock_kv and qkv_epilogue), imported lazily.
+
+    Expected: ``checks(device)`` -> [dict(op, case, ok, detail)], ``run(device, peaks,
+    repeats, quick)`` -> harness rows (op, shape, provider, status, median_ms, min_ms,
+    max_ms, gbps, roofline_pct, ...), ``model_rows()`` -> bytes-model dicts; or one
+    ``section(device, peaks, repeats, quick)`` -> dict(checks, rows, model, text).  What is
+    missing is reported as unavailable with the reason, never dropped."""
+    out = dict(checks=[], rows=[], model=[], text="", unavailable=[])
+    try:
+        mod = importlib.import_module("benchmarks.blend")
+    except Exception as e:
+        out["unavailable"].append(f"benchmarks.blend: {type(e).__name__}: {e}"[:300])
+        return out
+    kwargs = dict(device=device, peaks=peaks, repeats=repeats, quick=quick)
+    section = _first(mod, "section")
+    if section is not None:
+        res = _call(section, **kwargs) or {}
+        for key in ("checks", "rows", "model"):
+            out[key] = list(res.get(key, []))
+        out["text"] = res.get("text", "")
+        return out
+    for key, names in (("checks", ("checks", "check", "run_checks")), ("rows", ("run", "rows")),
+                       ("model", ("model_rows", "bytes_model"))):
+        fn = _first(mod, *names)
+        if fn is None:
+            out["unavailable"].append(f"benchmarks.blend has no {' / '.join(names)}()")
+            continue
+        try:
+            res = _call(fn, **kwargs)
+        except Exception as e:  # a failing section is a result, not a crash of the harness
+            out["unavailable"].append(f"benchmarks.blend.{fn.__name__} failed: {type(e).__name__}: {e}"[:300])
+            if key == "checks":
+                out["checks"].append(dict(op="blend", case=fn.__name__, ok=False, detail=str(e)[:200]))
+            continue
+        if key == "checks" and isinstance(res, tuple) and len(res) in (2, 3) and isinstance(res[1], bool):
+            res = [dict(op="lock_kv", case="", ok=res[1], detail=str(res[-1]))]
+        out[key] = list(res or [])
+    return out
+
+
+def _generic_table(rows):
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        cells = [(format(r[k], ".4g") if isinstance(r.get(k), float) else str(r.get(k, ""))) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def print_paths(rows, notes, unit, cuda):
+    print("\n## locked attention: the routed paths side by side (bf16, moving-rectangle mask, fg 0.3)")
+    if not cuda:
+        print("\nCPU times of the PyTorch paths (FA2/FA3 and the Triton kernel need a GPU); the modelled column is "
+              "GPU-only.")
+    for n in notes:
+        model = f", modelled {n['modelled_ms']:.3f} ms" if n["modelled_ms"] is not None else ""
+        print(f"\n### {n['shape']}, batch {n['batch']}\n\nroute (`choose_path` on this device): **{n['route']}** "
+              f"with {n['plain_backend']}{model}: {n['why']}.  Blend: {n['blend']}.\n")
+        print(f"| alpha | provider | median {unit} | min | max | TFLOP/s | % of plain | modelled ms |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            if r["shape"] != n["shape"] or r["batch"] != n["batch"]:
+                continue
+            if r["status"] != "ok":
+                print(f"| {r['alpha']:g} | {r['provider']} | {r['status']} | | | | | |")
+                continue
+            print(f"| {r['alpha']:g} | {r['provider']} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | "
+                  f"{r['max_ms']:.3f} | {fmt(r.get('tflops'))} | {fmt(r.get('pct_of_plain'), '.1f')} | "
+                  f"{fmt(r.get('model_ms'))} |")
 
 
 def save_plots(report, out_dir):
@@ -122,6 +232,25 @@ def save_plots(report, out_dir):
     fig.savefig(paths[-1], dpi=90)
     plt.close(fig)
 
+    edits = [e for e in report.get("model", {}).get("edit", []) if e["fg"] == 0.3 and e["batch"] == 3]
+    if edits:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        designs = perf_model.EDIT_DESIGNS
+        width = 0.8 / len(edits)
+        for i, e in enumerate(edits):
+            ax.bar([j + i * width for j in range(len(designs))], [e["ratio"][d] for d in designs], width,
+                   label=e["shape"])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(designs))])
+        ax.set_xticklabels(designs, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel("modelled time / plain FA3")
+        ax.set_title("50-step edit, batch 3, fg 0.3 (model, H100 SXM, bf16)", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, "model_edit.png"))
+        fig.savefig(paths[-1], dpi=90)
+        plt.close(fig)
+
     ring = report.get("ring_buffer", [])
     fig, ax = plt.subplots(figsize=(7, 3.5))
     labels = [r["operation"] for r in ring] + [f"baseline: {r['baseline']}" for r in ring[:2]]
@@ -138,7 +267,7 @@ def save_plots(report, out_dir):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a reduced sweep (under 3 minutes on 2 CPU cores)")
+    ap.add_argument("--quick", action="store_true", help="a reduced sweep (under 2 minutes on 2 CPU cores)")
     ap.add_argument("--op", choices=OPS + ("all",), default="all", help="run one section only")
     ap.add_argument("--out", default="bench_out", help="directory for results.json and the PNG plots")
     args = ap.parse_args(argv)
@@ -151,7 +280,7 @@ def main(argv=None) -> int:
     repeats = (3 if args.quick else 10) if HAS_CUDA else (2 if args.quick else 3)
     report = dict(device=dev_name, cpu_only=not HAS_CUDA, torch=torch.__version__, triton=triton.__version__,
                   git_commit=git_commit(), quick=args.quick, time_unit=unit, rows=[], checks=[], ring_buffer=[],
-                  inspect=[])
+                  inspect=[], paths=[], blend={}, model={})
 
     print(f"# kvlock-kernels benchmark harness\n\ndevice: {dev_name}\ntorch {torch.__version__}, "
           f"triton {triton.__version__}, commit {report['git_commit'][:12]}")
@@ -180,18 +309,52 @@ def main(argv=None) -> int:
                            [("TFLOP/s", "tflops", ".3f"), ("GB/s (model)", "gbps", ".1f"),
                             ("% roofline", "roofline_pct", ".1f"), ("peak MiB", "peak_mem_mb", ".0f"),
                             ("vs unfused", "vs_unfused", ".2f")])
-        model = attention.model_rows(GPU_SHAPES, (2, 3))
-        report["attention_model"] = model
-        print("\n### bytes-and-FLOPs model, SPEC shapes, H100 SXM roofline (989 TFLOP/s bf16, 3.35 TB/s)\n")
-        print("| shape | B | S | TFLOP | fused GiB | unfused GiB | blend pass MiB | fused ms | unfused ms | "
-              "predicted speed-up |\n|---|---|---|---|---|---|---|---|---|---|")
-        for m in model:
-            print(f"| {m['shape']} | {m['batch']} | {m['seqlen']} | {m['tflop']:.1f} | {m['fused_gib']:.2f} | "
-                  f"{m['unfused_gib']:.2f} | {m['blend_mib']:.0f} | {m['fused_ms']:.1f} | {m['unfused_ms']:.1f} | "
-                  f"{m['speedup']:.3f}x |")
-        print("\nAt these lengths attention is compute-bound: fusing the blend saves its separate memory pass "
-              "(and the materialised K/V, 2 x K per layer) rather than attention time."
-              + ("" if HAS_CUDA else " On CPU this model is the only prediction of the GPU gain."))
+        print("\nThe fused row above is the Triton kernel forced (backend='triton'); which path a locked call "
+              "should take, and what each costs at SPEC shapes, is in the paths and model sections.")
+
+    if "paths" in ops:
+        if HAS_CUDA:
+            shapes = (WAN_1_3B,) if args.quick else (WAN_1_3B, COGVIDEOX_5B)
+        else:
+            shapes = CPU_SHAPES[:1] if args.quick else (CPU_SHAPES[0], CPU_SHAPES[3])
+        rows, notes = attention.path_rows(shapes, attention.PATH_ALPHAS, device, peaks, repeats)
+        report["paths"] = dict(rows=rows, routes=notes)
+        report["rows"] += [r for r in rows if r["status"] == "ok"]
+        print_paths(rows, notes, unit, HAS_CUDA)
+
+    if "blend" in ops:
+        blend = blend_section(device, peaks, repeats, args.quick)
+        report["blend"] = blend
+        report["checks"] += blend["checks"]
+        report["rows"] += blend["rows"]
+        print("\n## blend ops: lock_kv and qkv_epilogue (benchmarks/blend.py)\n")
+        for c in blend["checks"]:
+            print(f"- {c.get('op')} [{c.get('case')}]: {c.get('detail')}: {'PASS' if c.get('ok') else 'FAIL'}")
+        for why in blend["unavailable"]:
+            print(f"- unavailable: {why}")
+        if blend["rows"]:
+            print_rows("lock_kv / qkv_epilogue", blend["rows"], unit,
+                       [("GB/s (model)", "gbps", ".1f"), ("% roofline", "roofline_pct", ".1f"),
+                        ("vs eager", "vs_eager", ".2f"), ("bytes model eager/fused", "model_ratio", ".2f")])
+        if blend["model"]:
+            print("\n### bytes model\n")
+            print(_generic_table(blend["model"]))
+        if blend["text"]:
+            print("\n" + blend["text"])
+
+    if "model" in ops:
+        result = perf_model.run()
+        report["model"] = result
+        report["attention_model"] = result["rows"]
+        print("\n" + perf_model.format_markdown(result))
+        report["checks"].append(dict(op="model", case=f"auto <= {result['bound']:g}x plain at every SPEC shape, "
+                                     "batch, alpha, fg and backend set", ok=result["bound_ok"],
+                                     detail=f"worst {result['worst_auto_ratio']:.3f}x"))
+        if HAS_CUDA:
+            print("\nThe measured counterpart of the model is the paths section above (same cost model on this "
+                  "device, its route printed beside the measurements).")
+        else:
+            print("\nNo GPU: this model is the only prediction of GPU time here.")
 
     if "merge" in ops:
         shape = (2, 32760, 12, 128) if HAS_CUDA else (2, 4096, 12, 128)
@@ -243,7 +406,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
-    plots = save_plots(report, args.out) if ("attention" in ops or "ring_buffer" in ops) else []
+    plots = save_plots(report, args.out) if ({"attention", "ring_buffer", "model"} & set(ops)) else []
     print(f"\nwrote {os.path.join(args.out, 'results.json')}" + "".join(f", {p}" for p in plots))
     ok = all(c["ok"] for c in report["checks"])
     print(f"\nresult: {'all checks passed' if ok else 'CHECK FAILED'}")

@@ -1,10 +1,15 @@
-"""Attention section of the harness: kv_lock_attention against its alternatives."""
+"""Attention sections of the harness: kv_lock_attention against its alternatives, and the
+two routed paths (blend then plain attention, or the fused kernel) side by side with the
+cost model's prediction and choice."""
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
 
 from kvlock_kernels import kv_lock_attention, reference
+from kvlock_kernels.attention import routing
 
 from .common import attention_bytes, make_attention_inputs, roofline_percent, time_fn
 
@@ -69,6 +74,27 @@ def check(shape, dtype, device, backend) -> tuple[bool, str]:
     return ok, f"max|out-ref| {err:.2e} <= 2 x {base:.2e} + {ATOL[dtype]:g}"
 
 
+def check_plain(device, dtype=torch.bfloat16) -> list[tuple[str, bool, str]]:
+    """``routing.plain_attention`` on every usable backend against the fp32 oracle (flash-
+    attention rule, out and lse) at a small GQA shape with odd lengths."""
+    g = torch.Generator().manual_seed(1)
+    B, Sq, Skv, Hq, Hkv, D = 2, 77, 91, 4, 2, 64
+    q = torch.randn(B, Sq, Hq, D, generator=g).to(device, dtype)
+    k = torch.randn(B, Skv, Hkv, D, generator=g).to(device, dtype)
+    v = torch.randn(B, Skv, Hkv, D, generator=g).to(device, dtype)
+    ref, ref_lse = reference.kv_lock_attention(q.float(), k.float(), v.float(), return_lse=True)
+    same = reference.kv_lock_attention(q, k, v, upcast=False)
+    base = (same.float() - ref).abs().max().item()
+    out = []
+    for b in routing.plain_attention_backends(device, dtype, D):
+        o, lse = routing.plain_attention(q, k, v, return_lse=True, backend=b)
+        err = (o.float() - ref).abs().max().item()
+        lse_err = (lse.float() - ref_lse).abs().max().item()
+        ok = err <= 2 * base + ATOL[dtype] and lse_err <= 1e-2
+        out.append((b, ok, f"max|out-ref| {err:.2e} <= 2 x {base:.2e} + {ATOL[dtype]:g}, max|lse-ref| {lse_err:.1e}"))
+    return out
+
+
 def run(shapes, batches, fg_fractions, device, peaks, repeats, dtype=torch.bfloat16):
     """One row per (shape, batch, fg, provider)."""
     rows = []
@@ -108,20 +134,121 @@ def run(shapes, batches, fg_fractions, device, peaks, repeats, dtype=torch.bfloa
     return rows
 
 
-def model_rows(shapes, batches, peaks=(989e12, 3.35e12), peaks_name="H100 SXM"):
-    """Bytes-and-FLOPs prediction per SPEC shape: fused = roofline of attention with the
-    blend inside; unfused = attention's roofline plus the blend's own bandwidth-bound pass."""
+PATH_ALPHAS = (0.0, 0.5, 1.0)
+
+
+def blend_impl(device):
+    """(fn(k, v, lock, k_src, v_src) -> (K', V'), label): engineer B's ``lock_kv`` when it
+    is importable (its PyTorch path on CPU: CPU times time the PyTorch paths), else the
+    PyTorch reference, labelled as such."""
+    try:
+        from kvlock_kernels.attention.lock_kv import lock_kv
+    except Exception as e:  # not there yet: the reference stands in, and the label says so
+        why = f"{type(e).__name__}: {e}"[:80]
+        return ((lambda k, v, lock, ks, vs: reference.lock_kv(k, v, lock, k_src=ks, v_src=vs)),
+                f"torch reference blend (lock_kv unavailable: {why})")
+    params = inspect.signature(lock_kv).parameters
+    extra = {"check_inputs": False} if "check_inputs" in params else {}
+    if device.type != "cuda" and "backend" in params:
+        extra["backend"] = "torch"
+    return (lambda k, v, lock, ks, vs: lock_kv(k, v, lock, k_src=ks, v_src=vs, **extra)), "lock_kv"
+
+
+def _plain_fn(backend):
+    return lambda q, k, v, *_: routing.plain_attention(q, k, v, backend=backend)
+
+
+def _blend_then(blend, backend):
+    def run(q, k, v, ks, vs, lock):
+        kb, vb = blend(k, v, lock, ks, vs)
+        return routing.plain_attention(q, kb, vb, backend=backend)
+    return run
+
+
+def path_providers(device, dtype, head_dim):
+    """[(name, kind, callable or None, why unavailable)]: plain attention on each backend,
+    the blend then each backend, the fused kernel and ``kv_lock_attention(backend="auto")``."""
+    usable = routing.plain_attention_backends(device, dtype, head_dim)
+    blend, blend_label = blend_impl(device)
+    reasons = {"fa3": "flash_attn_interface (FA3) not importable or not sm_90",
+               "fa2": "flash_attn (FA2) not importable or not sm_80+"}
     rows = []
-    for base in shapes:
-        for batch in batches:
-            s = base.with_batch(batch)
-            nb = attention_bytes(s)
-            attn = max(s.flops() / peaks[0], nb["plain"] / peaks[1])
-            fused = max(s.flops() / peaks[0], nb["fused"] / peaks[1])
-            unfused = attn + (nb["unfused"] - nb["plain"]) / peaks[1]
-            rows.append(dict(shape=s.name, batch=batch, seqlen=s.seqlen, tflop=s.flops() / 1e12,
-                             fused_gib=nb["fused"] / 2 ** 30, unfused_gib=nb["unfused"] / 2 ** 30,
-                             blend_mib=(nb["unfused"] - nb["plain"]) / 2 ** 20,
-                             fused_ms=fused * 1e3, unfused_ms=unfused * 1e3, speedup=unfused / fused,
-                             device_model=peaks_name))
-    return rows
+    for b in routing.PLAIN_BACKENDS:
+        ok = b in usable
+        rows.append((f"plain {b} (no lock)", ("plain", b), _plain_fn(b) if ok else None, "" if ok else reasons[b]))
+    for b in routing.PLAIN_BACKENDS:
+        ok = b in usable
+        name = f"blend + {b}" + ("" if blend_label == "lock_kv" else " [torch reference blend]")
+        rows.append((name, ("blend", b), _blend_then(blend, b) if ok else None, "" if ok else reasons[b]))
+    cuda = device.type == "cuda"
+    rows.append(("fused (Triton)", ("fused", None),
+                 (lambda *a: kv_lock_attention(*a, backend="triton", check_inputs=False)) if cuda else None,
+                 "" if cuda else "Triton needs a GPU (the interpreter checks correctness only)"))
+    if cuda:
+        rows.append(("kv_lock_attention auto", ("auto", None),
+                     lambda *a: kv_lock_attention(*a, backend="auto", check_inputs=False), ""))
+    else:
+        rows.append(("kv_lock_attention backend=torch", ("auto", None),
+                     lambda *a: kv_lock_attention(*a, backend="torch", check_inputs=False), ""))
+    return rows, blend_label
+
+
+def _modelled_ms(kind, backend, dims, prof, blended, block_m):
+    """The cost model's ms for one provider of the paths table (None for "auto": its
+    route is printed beside the table)."""
+    B, S, _, H, _, D, dtype = dims
+    b = "sdpa_" + routing.sdpa_kernel_kind(dtype, D) if backend == "sdpa" else backend
+    if kind == "plain":
+        return routing.plain_time(b, *dims, prof) * 1e3
+    if kind == "blend":
+        return (routing.blend_time(B, S, H, D, dtype, prof) + routing.plain_time(b, *dims, prof)) * 1e3
+    if kind == "fused":
+        return routing.fused_time(*dims, prof, blended_fraction=blended, block_m=block_m) * 1e3
+    return None
+
+
+def path_rows(shapes, alphas, device, peaks, repeats, *, fg=0.3, dtype=torch.bfloat16):
+    """Time the routed paths at ``alphas`` with a moving-rectangle mask; each row carries
+    the cost model's time for the same path on this device (GPU only) and the route
+    ``choose_path`` takes here.  ``pct_of_plain``: the best measured plain attention's
+    time over this row's, in percent."""
+    from .model import block_classes
+
+    rows, notes = [], []
+    cuda = device.type == "cuda"
+    prof = routing.device_profile(device) if cuda else None
+    for shape in shapes:
+        B, S, H, D = shape.batch, shape.seqlen, shape.heads, shape.head_dim
+        route = routing.choose_path(B, S, S, H, H, D, dtype, device)
+        providers, blend_label = path_providers(device, dtype, D)
+        notes.append(dict(shape=shape.name, batch=B, route=route.path, plain_backend=route.plain_backend,
+                          modelled_ms=route.modelled_ms if cuda else None, why=route.why, blend=blend_label))
+        bm, bn, _ = routing.fused_blocks(D, dtype, max(prof.arch, 80) if cuda else 90)
+        dims = (B, S, S, H, H, D, dtype)
+        for alpha in alphas:
+            inputs = make_attention_inputs(shape, dtype, device, fg_fraction=fg, alpha=alpha, mask="moving")
+            classes = block_classes(inputs[5].expand(B, -1), bn)
+            blended = sum(c["const"] + c["mixed"] for c in classes) / B
+            group = []
+            for name, (kind, backend), fn, why in providers:
+                row = dict(op="locked attention paths", shape=shape.name, batch=B, seqlen=S, heads=H, head_dim=D,
+                           alpha=alpha, fg=fg, provider=name, kind=kind, backend=backend,
+                           route=f"{route.path}/{route.plain_backend}", blended_fraction=blended)
+                if fn is None:
+                    group.append(dict(row, status=f"unavailable: {why}"))
+                    continue
+                try:
+                    med, lo, hi = time_fn(lambda fn=fn, inputs=inputs: fn(*inputs), warmup=1, repeats=repeats,
+                                          device=device)
+                except Exception as e:  # a provider failing on a shape is a result, not a crash
+                    group.append(dict(row, status=f"failed: {type(e).__name__}: {e}"[:200]))
+                    continue
+                model_ms = _modelled_ms(kind, backend, dims, prof, blended, bm) if cuda else None
+                group.append(dict(row, status="ok", median_ms=med, min_ms=lo, max_ms=hi, model_ms=model_ms,
+                                  tflops=shape.flops() / (med * 1e-3) / 1e12))
+            plain_ok = [r["median_ms"] for r in group if r["status"] == "ok" and r["kind"] == "plain"]
+            for r in group:
+                if r["status"] == "ok" and plain_ok:
+                    r["pct_of_plain"] = 100.0 * min(plain_ok) / r["median_ms"]
+            rows += group
+    return rows, notes

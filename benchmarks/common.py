@@ -1,5 +1,6 @@
-"""Shared pieces of the benchmark harness: shapes (SPEC section 8), inputs, timing, the
-device roofline table and the bytes model of attention."""
+"""Shared pieces of the benchmark harness: shapes (SPEC section 8), masks and inputs in
+the models' real token order, timing, the device roofline table and the bytes model of
+attention."""
 from __future__ import annotations
 
 import statistics
@@ -8,11 +9,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from kvlock_kernels.attention.routing import DEVICE_PROFILES
+
 
 @dataclass(frozen=True)
 class AttnShape:
     """One self-attention call of a video DiT: a (frames, height, width) token grid after
-    patchify, plus `text_tokens` joint text positions in front (never locked)."""
+    patchify, flattened in (t, h, w) order, plus ``text_tokens`` joint text positions
+    (never locked): in front (CogVideoX) or, with ``text_last``, behind (HunyuanVideo)."""
     name: str
     batch: int
     frames: int
@@ -21,6 +25,7 @@ class AttnShape:
     heads: int
     head_dim: int
     text_tokens: int = 0
+    text_last: bool = False
 
     @property
     def video_tokens(self) -> int:
@@ -42,7 +47,7 @@ class AttnShape:
 WAN_1_3B = AttnShape("wan2.1-1.3B 480p", 2, 21, 30, 52, 12, 128)
 WAN_14B = AttnShape("wan2.1-14B 720p", 2, 21, 45, 80, 40, 128)
 COGVIDEOX_5B = AttnShape("cogvideox-5B 480p", 2, 13, 30, 45, 48, 64, text_tokens=226)
-HUNYUAN = AttnShape("hunyuanvideo 720p", 2, 33, 45, 80, 24, 128, text_tokens=256)
+HUNYUAN = AttnShape("hunyuanvideo 720p", 2, 33, 45, 80, 24, 128, text_tokens=256, text_last=True)
 GPU_SHAPES = (WAN_1_3B, WAN_14B, COGVIDEOX_5B, HUNYUAN)
 
 # CPU stand-ins: the same head layouts on fewer frames / a smaller grid.
@@ -71,9 +76,34 @@ def box_token_mask(shape: AttnShape, fg_fraction: float, device) -> torch.Tensor
     return m.flatten()
 
 
-def make_attention_inputs(shape: AttnShape, dtype, device, *, fg_fraction=0.3, alpha=0.7, seed=0):
+def moving_rect_mask(shape: AttnShape, fg_fraction: float, device="cpu") -> torch.Tensor:
+    """(video_tokens,) bool foreground mask: a rectangle of about ``fg_fraction`` of each
+    latent frame that moves diagonally from the top-left corner (first latent frame) to
+    the bottom-right corner (last), flattened in (t, h, w) order like the DiT's tokens."""
+    side = fg_fraction ** 0.5
+    bh = min(shape.height, max(1, round(shape.height * side)))
+    bw = min(shape.width, max(1, round(shape.width * side)))
+    m = torch.zeros(shape.frames, shape.height, shape.width, dtype=torch.bool, device=device)
+    steps = max(shape.frames - 1, 1)
+    for t in range(shape.frames):
+        h0 = round(t * (shape.height - bh) / steps)
+        w0 = round(t * (shape.width - bw) / steps)
+        m[t, h0:h0 + bh, w0:w0 + bw] = True
+    return m.flatten()
+
+
+def token_lock(shape: AttnShape, fg: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(S,) fp32 lock weights in the model's token order: ``alpha * (1 - fg)`` on video
+    tokens, 0 on text tokens (in front, or behind with ``text_last``)."""
+    video = alpha * (~fg).float()
+    text = torch.zeros(shape.text_tokens, device=fg.device)
+    return torch.cat([video, text] if shape.text_last else [text, video])
+
+
+def make_attention_inputs(shape: AttnShape, dtype, device, *, fg_fraction=0.3, alpha=0.7, seed=0, mask="box"):
     """q, k, v (B, S, H, D); k_src, v_src as a batch-stride-0 view of one source branch;
-    lock (1, S) = alpha * (1 - fg) on video tokens, 0 on text tokens."""
+    lock (1, S) = alpha * (1 - fg) on video tokens, 0 on text tokens.  ``mask``: "box" (a
+    centred box) or "moving" (``moving_rect_mask``)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     B, S, H, D = shape.batch, shape.seqlen, shape.heads, shape.head_dim
 
@@ -82,39 +112,35 @@ def make_attention_inputs(shape: AttnShape, dtype, device, *, fg_fraction=0.3, a
 
     q, k, v = rnd(B), rnd(B), rnd(B)
     k_src, v_src = rnd(1).expand(B, -1, -1, -1), rnd(1).expand(B, -1, -1, -1)
-    fg = box_token_mask(shape, fg_fraction, device)
-    lock = torch.cat([torch.zeros(shape.text_tokens, device=device), alpha * (~fg).float()])[None]
+    fg = (moving_rect_mask if mask == "moving" else box_token_mask)(shape, fg_fraction, device)
+    lock = token_lock(shape, fg, alpha)[None]
     return q, k, v, k_src, v_src, lock
 
 
 def attention_bytes(shape: AttnShape, elem_bytes: int = 2) -> dict:
     """Minimum HBM traffic (bytes) of one attention call, per provider kind.
 
-    fused (kvlock): read q, one K and one V per key row (fresh or source: uniform blocks
-    read one tile; mixed blocks, a thin fraction, read both), the lock; write out.
-    unfused: the blend reads k, k_src, v, v_src and writes K, V; attention then reads
-    q, K, V and writes out.  plain (no blend): q, k, v, out.  Attention's re-reads of K/V
-    per query block are the same for every provider and left out.
+    fused (kvlock): read q, both K tiles and both V tiles (fresh and source) per key row,
+    the lock; write out.  That is the bound for a soft lock (alpha strictly between 0 and 1
+    makes every background key block blended) and close to it at alpha = 1 (a third to a
+    half of the key blocks straddle a mask edge at SPEC shapes: ``benchmarks/model.py``
+    counts them on the real mask).  unfused: the blend reads k, k_src, v, v_src and writes
+    K, V; attention then reads q, K, V and writes out.  plain (no blend): q, k, v, out.
+    Attention's re-reads of K/V per query block are the same for every provider and left out.
     """
     B, S, H, D = shape.batch, shape.seqlen, shape.heads, shape.head_dim
     tile = B * S * H * D * elem_bytes
     src = S * H * D * elem_bytes  # one source branch shared by the batch (stride 0)
     plain = 4 * tile
-    fused = plain + B * S * 4
+    fused = plain + 2 * tile + B * S * 4
     unfused = 2 * (tile + src) + 2 * tile + plain
     return {"fused": fused, "unfused": unfused, "plain": plain}
 
 
 # Peak dense bf16 tensor-core FLOP/s and HBM bytes/s, keyed by a substring of the
-# device name (the first match wins: more specific names first).
-DEVICE_PEAKS = (
-    ("H200", 989e12, 4.8e12),
-    ("H100 PCIe", 756e12, 2.0e12),
-    ("H100", 989e12, 3.35e12),
-    ("A100", 312e12, 2.0e12),
-    ("L40S", 362e12, 0.864e12),
-    ("A10", 125e12, 0.6e12),
-)
+# device name (the first match wins: more specific names first).  One table for the
+# harness and the routing model: ``kvlock_kernels.attention.routing.DEVICE_PROFILES``.
+DEVICE_PEAKS = tuple((p.name, p.tensor_flops, p.bandwidth) for p in DEVICE_PROFILES)
 
 
 def device_peaks(name: str):

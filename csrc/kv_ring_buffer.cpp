@@ -12,9 +12,17 @@
 // With compact, put() takes the token rows to keep (the background) and stores only
 // those, packed at the front of the slot; get() returns them with the row index.
 //
+// Threads: calls into a custom class release the GIL, so every public method takes the
+// buffer's mutex for its whole duration; private helpers never lock (they run with the
+// mutex held) and no public method calls another public method.
+//
+// Slots are plain storage: every public method runs under NoGradGuard, so a put of a
+// tensor that requires grad never attaches the slot tensors to an autograd graph.
+//
 // Every argument is validated before anything changes: after any error, each stored key
 // still returns its exact bytes.
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/Event.h>
 #include <c10/core/Stream.h>
@@ -26,8 +34,10 @@
 #include <algorithm>
 #include <deque>
 #include <memory>
+#include <mutex>
 #include <sstream>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #ifdef KVLOCK_WITH_CUDA
@@ -41,6 +51,7 @@ struct Key {
   int64_t step;
   int64_t layer;
   bool operator==(const Key& o) const { return step == o.step && layer == o.layer; }
+  bool operator<(const Key& o) const { return step < o.step || (step == o.step && layer < o.layer); }
 };
 
 struct KeyHash {
@@ -48,6 +59,8 @@ struct KeyHash {
     return std::hash<int64_t>()(k.step) * 1000003u ^ std::hash<int64_t>()(k.layer);
   }
 };
+
+using KeySet = std::unordered_set<Key, KeyHash>;
 
 std::string key_str(const Key& k) {
   std::ostringstream s;
@@ -66,7 +79,7 @@ std::string shape_str(at::IntArrayRef shape) {
 struct Entry {
   int64_t slot = -1;  // device slot, -1 while the entry lives only on the host
   int64_t rows = 0;   // rows stored (the full slot unless compact)
-  at::Tensor index;   // compact: the stored token rows, int64 on the slots' device
+  at::Tensor index;   // compact: the stored token rows, int64 (on the slots' device while resident)
   at::Tensor host_k, host_v;
   bool host_valid = false;             // host_k/host_v hold the current bytes
   std::unique_ptr<c10::Event> ready;   // CUDA: the copy into the slot has finished
@@ -84,6 +97,7 @@ class KVRingBuffer : public torch::CustomClassHolder {
         device_(device),
         host_spill_(host_spill),
         compact_(compact) {
+    at::NoGradGuard no_grad;
     TORCH_CHECK_VALUE(capacity_ >= 1, "capacity must be >= 1, got ", capacity_);
     TORCH_CHECK_VALUE(!slot_shape_.empty(), "slot_shape must have at least one dimension");
     for (int64_t d : slot_shape_) {
@@ -105,16 +119,19 @@ class KVRingBuffer : public torch::CustomClassHolder {
       copy_stream_ = std::make_unique<c10::Stream>(impl.getStreamFromGlobalPool(device_, /*isHighPriority=*/false));
       // The copy stream writes the slots too: when the buffer is freed, the caching
       // allocator must not hand the memory out before that stream's copies are done.
-      impl.recordDataPtrOnStream(k_slots_.storage().data_ptr(), *copy_stream_);
-      impl.recordDataPtrOnStream(v_slots_.storage().data_ptr(), *copy_stream_);
+      record_on_copy_stream(k_slots_);
+      record_on_copy_stream(v_slots_);
     }
   }
 
   // put: store (k, v) under key; replaces an existing entry of the same key.
-  void put(int64_t step, int64_t layer, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& rows) {
+  void put(int64_t step, int64_t layer, const at::Tensor& k_in, const at::Tensor& v_in,
+           const c10::optional<at::Tensor>& rows) {
+    std::lock_guard<std::mutex> lock(mu_);
+    at::NoGradGuard no_grad;
     const Key key{step, layer};
-    check_slot_tensor("k", k);
-    check_slot_tensor("v", v);
+    check_slot_tensor("k", k_in);
+    check_slot_tensor("v", v_in);
     at::Tensor index;
     if (rows.has_value()) {
       TORCH_CHECK_VALUE(compact_, "rows is only accepted by a buffer built with compact=True");
@@ -122,6 +139,10 @@ class KVRingBuffer : public torch::CustomClassHolder {
     } else if (compact_) {
       index = at::arange(slot_shape_[0], at::TensorOptions().dtype(at::kLong).device(device_));
     }
+    // k/v may be views of a slot (a put of what get() returned): the eviction below may
+    // reuse that very slot, so read them out first.
+    at::Tensor k = aliases_slots(k_in) ? k_in.clone() : k_in;
+    at::Tensor v = aliases_slots(v_in) ? v_in.clone() : v_in;
     // Validation is complete: from here on the table changes.
     auto it = entries_.find(key);
     int64_t slot = -1;
@@ -131,7 +152,7 @@ class KVRingBuffer : public torch::CustomClassHolder {
       wait_slot_free(slot);
     } else {
       if (it != entries_.end()) drop_host(it->second);
-      slot = acquire_slot();
+      slot = acquire_slot(nullptr);
       resident_.push_back(key);
     }
     Entry& e = entries_[key];
@@ -140,6 +161,7 @@ class KVRingBuffer : public torch::CustomClassHolder {
     e.ready.reset();
     if (compact_) {
       e.rows = index.size(0);
+      if (e.index.defined()) record_on_copy_stream(e.index);
       e.index = index;
       gather_into(k_slots_[slot], k, index);
       gather_into(v_slots_[slot], v, index);
@@ -151,72 +173,116 @@ class KVRingBuffer : public torch::CustomClassHolder {
     }
   }
 
-  // get: views into the slot (valid until the slot is reused), plus the row index if compact.
-  std::vector<at::Tensor> get(int64_t step, int64_t layer) {
-    Entry& e = require(Key{step, layer});
-    make_resident(Key{step, layer}, e);
-    if (e.ready) {
-      // The current stream waits for the copy stream; the host does not block.
-      e.ready->block(current_stream());
-      e.ready.reset();
-    }
-    std::vector<at::Tensor> out{k_slots_[e.slot].narrow(0, 0, e.rows), v_slots_[e.slot].narrow(0, 0, e.rows)};
-    if (compact_) out.push_back(e.index);
-    return out;
+  // get: views into the slot (valid until the slot is reused), or copies taken under the
+  // lock when `copy`, plus the row index if compact.
+  std::vector<at::Tensor> get(int64_t step, int64_t layer, bool copy) {
+    std::lock_guard<std::mutex> lock(mu_);
+    at::NoGradGuard no_grad;
+    return get_locked(Key{step, layer}, copy);
   }
 
-  // prefetch: start bringing the given keys back into slots, in order, at most `capacity`.
+  // prefetch: make the first min(#distinct keys, capacity) distinct keys resident, in
+  // order.  Room is made by evicting the oldest resident entries that are not among
+  // them, so prefetch never evicts a key it brings in or one of them already resident.
+  // Keys past the first `capacity` distinct ones are ignored.  All keys must exist.
   void prefetch(const std::vector<int64_t>& steps, const std::vector<int64_t>& layers) {
-    TORCH_CHECK_VALUE(steps.size() == layers.size(), "prefetch needs as many steps as layers");
-    for (size_t i = 0; i < steps.size(); ++i) require(Key{steps[i], layers[i]});
-    const size_t n = std::min<size_t>(steps.size(), static_cast<size_t>(capacity_));
-    for (size_t i = 0; i < n; ++i) {
-      Key key{steps[i], layers[i]};
-      make_resident(key, entries_.at(key));
+    std::lock_guard<std::mutex> lock(mu_);
+    at::NoGradGuard no_grad;
+    TORCH_CHECK_VALUE(steps.size() == layers.size(), "prefetch needs as many steps as layers, got ", steps.size(),
+                      " steps and ", layers.size(), " layers");
+    std::vector<Key> missing;
+    for (size_t i = 0; i < steps.size(); ++i) {
+      const Key key{steps[i], layers[i]};
+      if (entries_.count(key) == 0 && std::find(missing.begin(), missing.end(), key) == missing.end()) {
+        missing.push_back(key);
+      }
     }
+    if (!missing.empty()) {
+      std::ostringstream s;
+      s << (missing.size() == 1 ? "key " : "keys [");
+      for (size_t i = 0; i < missing.size(); ++i) s << (i ? ", " : "") << key_str(missing[i]);
+      s << (missing.size() == 1 ? " is" : "] are") << " not in the ring buffer";
+      // The Python wrapper turns IndexError into KeyError.
+      TORCH_CHECK_INDEX(false, s.str());
+    }
+    std::vector<Key> wanted;
+    KeySet protect;
+    for (size_t i = 0; i < steps.size() && static_cast<int64_t>(wanted.size()) < capacity_; ++i) {
+      const Key key{steps[i], layers[i]};
+      if (protect.insert(key).second) wanted.push_back(key);
+    }
+    for (const Key& key : wanted) make_resident(key, entries_.at(key), &protect);
   }
 
   // pop: remove the entry and return copies of its tensors (the slot is free again).
   std::vector<at::Tensor> pop(int64_t step, int64_t layer) {
+    std::lock_guard<std::mutex> lock(mu_);
+    at::NoGradGuard no_grad;
     const Key key{step, layer};
-    std::vector<at::Tensor> out = get(step, layer);
-    for (auto& t : out) t = t.clone();
+    std::vector<at::Tensor> out = get_locked(key, /*copy=*/true);
     remove(key);
     return out;
   }
 
   // discard: forget the entry without reading it (a replay drops each key after use).
   void discard(int64_t step, int64_t layer) {
+    std::lock_guard<std::mutex> lock(mu_);
     const Key key{step, layer};
     require(key);
     remove(key);
   }
 
-  bool contains(int64_t step, int64_t layer) const { return entries_.count(Key{step, layer}) > 0; }
-  int64_t size() const { return static_cast<int64_t>(entries_.size()); }
-  int64_t capacity() const { return capacity_; }
-  int64_t device_nbytes() const { return k_slots_.nbytes() + v_slots_.nbytes(); }
-  int64_t host_nbytes() const { return host_bytes_; }
-  int64_t resident_count() const { return static_cast<int64_t>(resident_.size()); }
+  bool contains(int64_t step, int64_t layer) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return entries_.count(Key{step, layer}) > 0;
+  }
+
+  int64_t size() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return static_cast<int64_t>(entries_.size());
+  }
+
+  int64_t capacity() const { return capacity_; }  // immutable after construction
+
+  int64_t device_nbytes() const { return k_slots_.nbytes() + v_slots_.nbytes(); }  // immutable too
+
+  int64_t host_nbytes() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return host_bytes_;
+  }
+
+  int64_t resident_count() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return static_cast<int64_t>(resident_.size());
+  }
 
   bool is_resident(int64_t step, int64_t layer) const {
+    std::lock_guard<std::mutex> lock(mu_);
     auto it = entries_.find(Key{step, layer});
     return it != entries_.end() && it->second.slot >= 0;
   }
 
-  // Keys in FIFO order of residency (oldest first), then host-only keys: [[step, layer], ...].
+  // Resident keys in eviction order (oldest first), then host-only keys sorted by
+  // (step, layer): [[step, layer], ...].  One consistent snapshot.
   std::vector<std::vector<int64_t>> keys() const {
+    std::lock_guard<std::mutex> lock(mu_);
     std::vector<std::vector<int64_t>> out;
+    out.reserve(entries_.size());
     for (const Key& k : resident_) out.push_back({k.step, k.layer});
+    std::vector<Key> host_only;
     for (const auto& kv : entries_) {
-      if (kv.second.slot < 0) out.push_back({kv.first.step, kv.first.layer});
+      if (kv.second.slot < 0) host_only.push_back(kv.first);
     }
+    std::sort(host_only.begin(), host_only.end());
+    for (const Key& k : host_only) out.push_back({k.step, k.layer});
     return out;
   }
 
   void clear() {
+    std::lock_guard<std::mutex> lock(mu_);
     for (auto& kv : entries_) {
       if (kv.second.slot >= 0) release_entry_slot(kv.second);
+      if (kv.second.index.defined()) record_on_copy_stream(kv.second.index);
     }
     entries_.clear();
     resident_.clear();
@@ -224,7 +290,26 @@ class KVRingBuffer : public torch::CustomClassHolder {
   }
 
  private:
+  // ---- everything below runs with mu_ held and never takes it ----
+
+  std::vector<at::Tensor> get_locked(const Key& key, bool copy) {
+    Entry& e = require(key);
+    make_resident(key, e, nullptr);
+    if (e.ready) {
+      // The current stream waits for the copy stream; the host does not block.
+      e.ready->block(current_stream());
+      e.ready.reset();
+    }
+    std::vector<at::Tensor> out{k_slots_[e.slot].narrow(0, 0, e.rows), v_slots_[e.slot].narrow(0, 0, e.rows)};
+    if (compact_) out.push_back(e.index);
+    if (copy) {
+      for (auto& t : out) t = t.clone();
+    }
+    return out;
+  }
+
   void check_slot_tensor(const char* name, const at::Tensor& t) const {
+    TORCH_CHECK_TYPE(t.defined(), name, " must be a tensor, got None");
     TORCH_CHECK_TYPE(t.scalar_type() == dtype_, name, " must have the slot dtype ", c10::toString(dtype_), ", got ",
                      c10::toString(t.scalar_type()));
     TORCH_CHECK_VALUE(t.device() == device_, name, " must be on the slot device ", device_.str(), ", got ",
@@ -233,7 +318,13 @@ class KVRingBuffer : public torch::CustomClassHolder {
                       ", got ", shape_str(t.sizes()));
   }
 
+  bool aliases_slots(const at::Tensor& t) const {
+    return t.has_storage() && (t.storage().is_alias_of(k_slots_.storage()) ||
+                               t.storage().is_alias_of(v_slots_.storage()));
+  }
+
   at::Tensor checked_rows(const at::Tensor& rows) const {
+    TORCH_CHECK_TYPE(rows.defined(), "rows must be a tensor, got None");
     TORCH_CHECK_TYPE(rows.scalar_type() == at::kLong || rows.scalar_type() == at::kInt,
                      "rows must be an int64 or int32 index tensor, got ", c10::toString(rows.scalar_type()));
     TORCH_CHECK_VALUE(rows.dim() == 1, "rows must be 1-D, got shape ", shape_str(rows.sizes()));
@@ -253,7 +344,7 @@ class KVRingBuffer : public torch::CustomClassHolder {
 
   Entry& require(const Key& key) {
     auto it = entries_.find(key);
-    // The Python wrapper turns this into KeyError.
+    // The Python wrapper turns IndexError into KeyError.
     TORCH_CHECK_INDEX(it != entries_.end(), "key ", key_str(key), " is not in the ring buffer");
     return it->second;
   }
@@ -261,6 +352,14 @@ class KVRingBuffer : public torch::CustomClassHolder {
   c10::Stream current_stream() const {
     c10::impl::VirtualGuardImpl impl(device_.type());
     return impl.getStream(device_);
+  }
+
+  // A device tensor that the copy stream reads or writes: when it is freed, the caching
+  // allocator must wait for that stream's work before reusing the memory (record_stream).
+  void record_on_copy_stream(const at::Tensor& t) const {
+    if (!copy_stream_ || !t.defined() || !t.is_cuda() || !t.has_storage() || t.storage().data() == nullptr) return;
+    c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
+    impl.recordDataPtrOnStream(t.storage().data_ptr(), *copy_stream_);
   }
 
   // The slot's previous contents are still being read by a spill copy: wait for it.
@@ -271,29 +370,32 @@ class KVRingBuffer : public torch::CustomClassHolder {
     }
   }
 
-  int64_t acquire_slot() {
-    if (free_slots_.empty()) evict_oldest();
+  // A free slot, evicting the oldest resident entry not in `protect` if none is free.
+  int64_t acquire_slot(const KeySet* protect) {
+    if (free_slots_.empty()) evict_oldest(protect);
     const int64_t slot = free_slots_.back();
     free_slots_.pop_back();
     wait_slot_free(slot);
     return slot;
   }
 
-  void release_slot(int64_t slot) { free_slots_.push_back(slot); }
-
-  void evict_oldest() {
-    TORCH_INTERNAL_ASSERT(!resident_.empty(), "ring buffer has no resident entry to evict");
-    const Key victim = resident_.front();
-    resident_.pop_front();
-    Entry& e = entries_.at(victim);
-    const int64_t slot = e.slot;
-    if (!host_spill_) {
-      release_entry_slot(e);
-      entries_.erase(victim);
-      return;
+  void evict_oldest(const KeySet* protect) {
+    auto it = resident_.begin();
+    if (protect != nullptr) {
+      while (it != resident_.end() && protect->count(*it) > 0) ++it;
     }
-    if (!e.host_valid) spill(e);
+    // prefetch protects at most `capacity` keys and only asks for a slot while one of
+    // them is not resident, so an unprotected resident entry always exists.
+    TORCH_INTERNAL_ASSERT(it != resident_.end(), "ring buffer has no evictable resident entry");
+    const Key victim = *it;
+    Entry& e = entries_.at(victim);
+    if (host_spill_ && !e.host_valid) spill(e);  // may throw (host memory): nothing has changed yet
+    resident_.erase(it);
     release_entry_slot(e);
+    if (!host_spill_) {
+      if (e.index.defined()) record_on_copy_stream(e.index);
+      entries_.erase(victim);
+    }
   }
 
   // Free an entry's slot.  A copy into the slot still in flight (a bring-back nobody has
@@ -301,7 +403,7 @@ class KVRingBuffer : public torch::CustomClassHolder {
   void release_entry_slot(Entry& e) {
     if (e.ready && !slot_free_[e.slot]) slot_free_[e.slot] = std::move(e.ready);
     e.ready.reset();
-    release_slot(e.slot);
+    free_slots_.push_back(e.slot);
     e.slot = -1;
   }
 
@@ -311,8 +413,10 @@ class KVRingBuffer : public torch::CustomClassHolder {
     auto host_opts = at::TensorOptions().dtype(dtype_).device(at::kCPU).pinned_memory(device_.is_cuda());
     std::vector<int64_t> shape = slot_shape_;
     shape[0] = e.rows;
-    e.host_k = at::empty(shape, host_opts);
-    e.host_v = at::empty(shape, host_opts);
+    at::Tensor host_k = at::empty(shape, host_opts);
+    at::Tensor host_v = at::empty(shape, host_opts);
+    at::Tensor host_index;
+    if (compact_) host_index = at::empty({e.rows}, host_opts.dtype(at::kLong));
     at::Tensor k_src = k_slots_[e.slot].narrow(0, 0, e.rows);
     at::Tensor v_src = v_slots_[e.slot].narrow(0, 0, e.rows);
     if (device_.is_cuda()) {
@@ -321,25 +425,36 @@ class KVRingBuffer : public torch::CustomClassHolder {
       produced.block(*copy_stream_);
       {
         c10::StreamGuard guard(*copy_stream_);
-        e.host_k.copy_(k_src, /*non_blocking=*/true);
-        e.host_v.copy_(v_src, /*non_blocking=*/true);
-        if (compact_) e.index = e.index.to(host_opts.dtype(at::kLong), /*non_blocking=*/true);
+        host_k.copy_(k_src, /*non_blocking=*/true);
+        host_v.copy_(v_src, /*non_blocking=*/true);
+        if (compact_) host_index.copy_(e.index, /*non_blocking=*/true);
       }
+      // The device index was allocated on the current stream and is dropped below while
+      // the copy stream may still read it: without this its memory could be handed out
+      // (and overwritten) before the transfer is done.
+      if (compact_) record_on_copy_stream(e.index);
       slot_free_[e.slot] = std::make_unique<c10::Event>(c10::DeviceType::CUDA);
       slot_free_[e.slot]->record(*copy_stream_);
     } else {
-      e.host_k.copy_(k_src);
-      e.host_v.copy_(v_src);
+      host_k.copy_(k_src);
+      host_v.copy_(v_src);
+      if (compact_) host_index.copy_(e.index);
     }
+    e.host_k = std::move(host_k);
+    e.host_v = std::move(host_v);
+    if (compact_) e.index = std::move(host_index);
     e.host_valid = true;
     host_bytes_ += e.host_k.nbytes() + e.host_v.nbytes();
   }
 
   // Bring a host-only entry back into a slot (no-op if resident).
-  void make_resident(const Key& key, Entry& e) {
+  void make_resident(const Key& key, Entry& e, const KeySet* protect) {
     if (e.slot >= 0) return;
     TORCH_INTERNAL_ASSERT(e.host_valid, "entry ", key_str(key), " has neither a slot nor a host copy");
-    const int64_t slot = acquire_slot();
+    // Allocated before acquire_slot so that an allocation failure leaves the table as it was.
+    at::Tensor dev_index;
+    if (compact_) dev_index = at::empty({e.rows}, at::TensorOptions().dtype(at::kLong).device(device_));
+    const int64_t slot = acquire_slot(protect);
     at::Tensor k_dst = k_slots_[slot].narrow(0, 0, e.rows);
     at::Tensor v_dst = v_slots_[slot].narrow(0, 0, e.rows);
     if (device_.is_cuda()) {
@@ -351,14 +466,22 @@ class KVRingBuffer : public torch::CustomClassHolder {
         c10::StreamGuard guard(*copy_stream_);
         k_dst.copy_(e.host_k, /*non_blocking=*/true);
         v_dst.copy_(e.host_v, /*non_blocking=*/true);
-        if (compact_) e.index = e.index.to(device_, /*non_blocking=*/true);
+        if (compact_) dev_index.copy_(e.index, /*non_blocking=*/true);
       }
+      // dev_index belongs to the current stream (where get() hands it out) but the copy
+      // stream writes it: if the entry is dropped before get(), the memory must not be
+      // reused before that write is done.
+      if (compact_) record_on_copy_stream(dev_index);
       e.ready = std::make_unique<c10::Event>(c10::DeviceType::CUDA);
       e.ready->record(*copy_stream_);
     } else {
       k_dst.copy_(e.host_k);
       v_dst.copy_(e.host_v);
+      if (compact_) dev_index.copy_(e.index);
     }
+    // A compact entry keeps one index, on the device while resident; the host copy is
+    // dropped here (the pinned host allocator keeps it until the copy reading it is done).
+    if (compact_) e.index = std::move(dev_index);
     e.slot = slot;
     resident_.push_back(key);
   }
@@ -395,15 +518,17 @@ class KVRingBuffer : public torch::CustomClassHolder {
       resident_.erase(std::find(resident_.begin(), resident_.end(), key));
     }
     drop_host(it->second);
+    if (it->second.index.defined()) record_on_copy_stream(it->second.index);
     entries_.erase(it);
   }
 
-  int64_t capacity_;
-  std::vector<int64_t> slot_shape_;
-  c10::ScalarType dtype_;
-  c10::Device device_;
-  bool host_spill_;
-  bool compact_;
+  mutable std::mutex mu_;  // guards everything below except the immutable configuration
+  const int64_t capacity_;
+  const std::vector<int64_t> slot_shape_;
+  const c10::ScalarType dtype_;
+  c10::Device device_;  // fixed in the constructor
+  const bool host_spill_;
+  const bool compact_;
   at::Tensor k_slots_, v_slots_;  // (capacity, *slot_shape)
   std::unordered_map<Key, Entry, KeyHash> entries_;
   std::deque<Key> resident_;  // keys holding a slot, oldest first (the eviction order)

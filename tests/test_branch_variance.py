@@ -35,21 +35,26 @@ def test_matches_formula(backend, N, shape, mask_kind):
 @pytest.mark.parametrize("correction", [0, 1, 2])
 def test_correction(correction):
     x = torch.randn(4, 2, 3, 50)
-    var_map, _ = branch_variance(x, correction=correction, backend="triton")
-    torch.testing.assert_close(var_map.double(), torch_formula(x, None, correction)[0], rtol=1e-5, atol=1e-6)
+    var_map, mean = branch_variance(x, correction=correction, backend="triton")
+    ref_map, ref_mean = torch_formula(x, None, correction)
+    torch.testing.assert_close(var_map.double(), ref_map, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_accumulate_in_fp32(dtype):
     x = torch.randn(5, 2, 4, 300).to(dtype)
-    var_map, mean = branch_variance(x, backend="triton")
-    ref_map, ref_mean = torch_formula(x.float(), None, 1)  # same rounded inputs, exact math
+    mask = torch.rand(2, 300) > 0.5
+    var_map, mean = branch_variance(x, mask=mask, backend="triton")
+    ref_map, ref_mean = torch_formula(x.float(), mask, 1)  # same rounded inputs, exact math
     torch.testing.assert_close(var_map.double(), ref_map, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-6)
 
 
 def test_stable_for_large_means():
     """x0-hat values far from zero with tiny spread: a sum of squares in fp32 cancels
-    catastrophically (and even goes negative); Welford keeps the variance."""
+    catastrophically (and even goes negative); sums shifted by the first prediction
+    (what the kernel accumulates) keep the variance."""
     torch.manual_seed(0)
     x = 3000.0 + 1e-2 * torch.randn(10, 2, 4, 500, dtype=torch.float64)
     var_map, _ = branch_variance(x.float(), backend="triton")
@@ -92,14 +97,100 @@ def test_compiles_fullgraph():
     torch.testing.assert_close(fn(x, mask), 2 * reference.branch_variance(x, mask=mask)[1])
 
 
+BACKENDS = ["triton", "torch"]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_propagates_like_the_torch_path(backend):
+    """Issue 12 item 7: a NaN (or inf) in x gives NaN at its position, and a NaN masked
+    mean where that position counts; the Triton kernel used to clamp it to a number."""
+    x = torch.randn(3, 2, 4, 6, 5)
+    x[1, 0, 2, 3, 4] = float("nan")
+    x[0, 1, 0, 1, 1] = float("inf")
+    x[2, 1, 3, 5, 0] = float("-inf")
+    var_map, mean = branch_variance(x, backend=backend)
+    bad = torch.zeros(2, 6, 5, dtype=torch.bool)
+    bad[0, 3, 4] = bad[1, 1, 1] = bad[1, 5, 0] = True
+    assert torch.equal(torch.isnan(var_map), bad)
+    assert torch.isnan(mean).all()
+    # An uncounted NaN position does not touch the masked mean; a counted one does.
+    mask = ~bad
+    mask[1, 1, 1] = True
+    _, mean = branch_variance(x, mask=mask, backend=backend)
+    assert torch.isfinite(mean[0]) and torch.isnan(mean[1])
+    clean = torch.where(bad, torch.zeros(()), var_map)[0].double()
+    torch.testing.assert_close(mean[0].double(), clean[mask[0]].mean(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edges_one_contract(backend):
+    """Issue 12 item 8: the shapes the checks accept run on both backends."""
+    # No spatial dims: x (N, B, C) -> var_map (B,), masked_mean = var_map.
+    x = torch.randn(2, 3, 4)
+    var_map, mean = branch_variance(x, backend=backend)
+    assert var_map.shape == (3,) and mean.shape == (3,)
+    ref = x.double().var(dim=0).mean(dim=1)
+    torch.testing.assert_close(var_map.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mean, var_map)
+    _, mean = branch_variance(x, mask=torch.tensor([True, False, True]), backend=backend)
+    assert mean[1] == 0 and mean[0] == var_map[0]
+    # B = 0.
+    var_map, mean = branch_variance(torch.randn(3, 0, 4, 5, 6), backend=backend)
+    assert var_map.shape == (0, 5, 6) and mean.shape == (0,)
+    var_map, mean = branch_variance(torch.randn(3, 0, 4, 5), mask=torch.ones(1, 5), backend=backend)
+    assert var_map.shape == (0, 5) and mean.shape == (0,)
+    # Empty spatial dims: nothing counted -> 0, never NaN.
+    var_map, mean = branch_variance(torch.randn(3, 2, 4, 0, 7), backend=backend)
+    assert var_map.shape == (2, 0, 7) and torch.equal(mean, torch.zeros(2))
+    var_map, mean = branch_variance(torch.randn(3, 2, 4, 0), mask=torch.ones(2, 0), backend=backend)
+    assert torch.equal(mean, torch.zeros(2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend):
+    base = torch.randn(4, 3, 5, 12, 14)
+    x = base.permute(0, 1, 2, 4, 3)[..., ::2]  # (4, 3, 5, 14, 6), no unit stride anywhere useful
+    mask = (torch.rand(6, 14, 3) > 0.5).permute(2, 1, 0)  # (3, 14, 6) strided
+    var_map, mean = branch_variance(x, mask=mask, backend=backend)
+    ref_map, ref_mean = torch_formula(x.contiguous(), mask.contiguous(), 1)
+    torch.testing.assert_close(var_map.double(), ref_map, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-6)
+    # An expanded (batch stride 0) x and mask.
+    xe = torch.randn(3, 1, 2, 9).expand(3, 4, 2, 9)
+    me = (torch.rand(1, 9) > 0.3).expand(4, 9)
+    var_map, mean = branch_variance(xe, mask=me, backend=backend)
+    ref_map, ref_mean = torch_formula(xe.contiguous(), me.contiguous(), 1)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-6)
+
+
+def test_backends_agree_on_odd_masks():
+    x = torch.randn(3, 2, 3, 7, 5)
+    for mask in (torch.randint(0, 3, (2, 7, 5)), torch.rand(1, 7, 5).round().half(),
+                 torch.where(torch.rand(2, 7, 5) > 0.5, float("nan"), 0.0)):
+        a = branch_variance(x, mask=mask, backend="triton")
+        b = branch_variance(x, mask=mask, backend="torch")
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kwargs, exc, msg", [
     (dict(x=torch.randn(1, 2, 3, 4)), ValueError, "N >= 2"),
-    (dict(x=torch.randn(2, 3)), ValueError, "at least 3 dims"),
+    (dict(x=torch.randn(2, 3)), ValueError, "x must have at least 3 dims"),
+    (dict(x=torch.randn(4)), ValueError, "x must have at least 3 dims"),
+    (dict(x=torch.randn(2, 2, 0, 4)), ValueError, "C >= 1"),
     (dict(x=torch.randn(2, 2, 3, 4, 5), mask=torch.ones(2, 4, 6)), ValueError, "mask must have shape"),
     (dict(x=torch.randn(2, 2, 3, 4, 5), mask=torch.ones(3, 4, 5)), ValueError, "mask must have shape"),
-    (dict(x=torch.randn(2, 2, 3, 4), correction=2), ValueError, "correction must be an int in"),
+    (dict(x=torch.randn(2, 2, 3, 4, 5), mask=torch.ones(4, 5)), ValueError, "mask must have shape"),
+    (dict(x=torch.randn(2, 2, 3, 4), correction=2), ValueError, r"correction must be an int in \[0, 1\]"),
+    (dict(x=torch.randn(2, 2, 3, 4), correction=-1), ValueError, "correction must be an int in"),
+    (dict(x=torch.randn(2, 2, 3, 4), correction=1.0), TypeError, "correction must be an int"),
+    (dict(x=torch.randn(2, 2, 3, 4), correction=True), TypeError, "correction must be an int"),
     (dict(x=torch.randn(2, 2, 3, 4).double()), TypeError, "x must have dtype"),
+    (dict(x=[[1.0, 2.0]]), TypeError, "x must be a torch.Tensor"),
+    (dict(x=torch.randn(2, 2, 3, 4), mask=[1, 0, 1, 1]), TypeError, "mask must be a torch.Tensor"),
     (dict(x=torch.randn(2, 2, 3, 4), mask=torch.ones(2, 4, device="meta")), ValueError, "one device"),
+    (dict(x=torch.randn(2, 2, 3, 4), backend="cuda"), ValueError, "backend must be one of"),
+    (dict(x=torch.randn(2, 2, 3, 4), backend=None), TypeError, "backend must be one of"),
 ])
 def test_bad_input(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):

@@ -70,25 +70,112 @@ def test_compiles_fullgraph_with_device_omega():
 
     g, x0 = torch.compile(step, fullgraph=True, backend="aot_eager")(vc, vu, lat, torch.tensor(6.0))
     rg, rx0 = formula(vc, vu, 6.0, cfg_zero_star_scale(vc, vu), lat, 0.5)
+    torch.testing.assert_close(g.double(), rg, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x0.double(), rx0, rtol=1e-5, atol=1e-5)
 
 
+BACKENDS = ["triton", "torch"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_per_sample_controls(backend):
+    """Issue 12 item 6: a (B,) omega, sigma or s_star that is a strided view is read with
+    its stride (the kernel used to read it as contiguous: off by 1.59)."""
+    vc, vu, lat = torch.randn(2, 3, 40), torch.randn(2, 3, 40), torch.randn(2, 3, 40)
+    omega = torch.tensor([1.0, 5.0, 3.0, 7.0])[::2]
+    sigma = torch.tensor([0.9, 0.1, 0.4, 0.2])[::2]
+    s_star = torch.tensor([[0.5, 9.0], [1.5, 9.0]])[:, 0]
+    assert omega.stride(0) == 2 and s_star.stride(0) == 2
+    g, x0 = kvlock_guidance(vc, vu, omega, s_star=s_star, latents=lat, sigma=sigma, backend=backend)
+    rg, rx0 = formula(vc, vu, omega.contiguous(), s_star.contiguous(), lat, sigma.contiguous())
+    torch.testing.assert_close(g.double(), rg, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x0.double(), rx0, rtol=1e-5, atol=1e-5)
+    # An expanded (stride 0) per-sample omega equals the shared scalar.
+    g2 = kvlock_guidance(vc, vu, torch.tensor(4.0).expand(2), backend=backend)
+    torch.testing.assert_close(g2, kvlock_guidance(vc, vu, 4.0, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_tensors_and_edges(backend):
+    """Strided v / latents, 1-D inputs, B = 0 and empty samples: one contract."""
+    vc = torch.randn(2, 10, 6).transpose(1, 2)
+    vu = torch.randn(2, 6, 20)[..., ::2]
+    lat = torch.randn(1, 6, 10).expand(2, 6, 10)
+    g, x0 = kvlock_guidance(vc, vu, 3.0, latents=lat, sigma=0.5, backend=backend)
+    rg, rx0 = formula(vc, vu, 3.0, None, lat, 0.5)
+    torch.testing.assert_close(g.double(), rg, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x0.double(), rx0, rtol=1e-5, atol=1e-5)
+    assert g.is_contiguous() and x0.is_contiguous()
+    v1, u1, l1 = torch.randn(3), torch.randn(3), torch.randn(3)
+    g, x0 = kvlock_guidance(v1, u1, torch.tensor([1.0, 2.0, 3.0]), latents=l1, sigma=0.2, backend=backend)
+    rg, rx0 = formula(v1, u1, torch.tensor([1.0, 2.0, 3.0]), None, l1, 0.2)
+    torch.testing.assert_close(g.double(), rg, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x0.double(), rx0, rtol=1e-6, atol=1e-6)
+    for shape in [(0,), (0, 4, 5), (2, 0, 5)]:
+        e = torch.randn(shape)
+        g, x0 = kvlock_guidance(e, e.clone(), torch.ones(shape[0]), s_star=torch.ones(shape[0]), latents=e.clone(),
+                                sigma=0.3, backend=backend)
+        assert g.shape == shape and x0.shape == shape
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_propagate_as_ieee(backend):
+    """No masking: a NaN/inf element makes that output element non-finite as the fp32
+    formula gives it; a NaN s* makes its whole sample NaN; other samples are untouched."""
+    vc, vu, lat = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8)
+    vc[0, 1] = float("nan")
+    vu[0, 2] = float("inf")
+    lat[0, 3] = float("-inf")
+    s_star = torch.tensor([1.0, 1.0, float("nan")])
+    g, x0 = kvlock_guidance(vc, vu, 5.0, s_star=s_star, latents=lat, sigma=0.5, backend=backend)
+    assert torch.isnan(g[0, 1]) and g[0, 2] == float("-inf")  # (1 - 5) * inf
+    assert torch.isnan(x0[0, 1]) and x0[0, 2] == float("inf") and x0[0, 3] == float("-inf")
+    keep = [0, 4, 5, 6, 7]
+    torch.testing.assert_close(g[0, keep].double(), formula(vc, vu, 5.0, None)[0, keep], rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(g[1]).all() and torch.isnan(g[2]).all() and torch.isnan(x0[2]).all()
+    # omega = 1 with an infinite v_uncond: 0 * inf is NaN, as IEEE says.
+    g = kvlock_guidance(vc, vu, 1.0, backend=backend)
+    assert torch.isnan(g[0, 2])
+    # Both backends give the same non-finite pattern.
+    other = "torch" if backend == "triton" else "triton"
+    g2, x02 = kvlock_guidance(vc, vu, 5.0, s_star=s_star, latents=lat, sigma=0.5, backend=other)
+    g, x0 = kvlock_guidance(vc, vu, 5.0, s_star=s_star, latents=lat, sigma=0.5, backend=backend)
+    torch.testing.assert_close(g, g2, equal_nan=True, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x0, x02, equal_nan=True, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("kwargs, exc, msg", [
-    (dict(v_uncond=torch.randn(2, 3, 4)), ValueError, "v_uncond must match v_cond"),
-    (dict(v_uncond=torch.randn(2, 3, 5).half()), ValueError, "v_uncond must match v_cond"),
-    (dict(omega=-1.0), ValueError, "omega must be a non-negative"),
-    (dict(omega=float("nan")), ValueError, "omega must be a non-negative"),
-    (dict(omega=torch.tensor([1.0, float("nan")])), ValueError, "omega must be non-negative and not NaN"),
+    (dict(v_uncond=torch.randn(2, 3, 4)), ValueError, "v_uncond must have v_cond's shape"),
+    (dict(v_uncond=torch.randn(2, 3, 5).half()), TypeError, "v_uncond must have v_cond's dtype"),
+    (dict(v_cond=[1.0, 2.0]), TypeError, "v_cond must be a torch.Tensor"),
+    (dict(omega=-1.0), ValueError, "omega must be >= 0"),
+    (dict(omega=float("nan")), ValueError, "omega must be a finite number"),
+    (dict(omega=float("inf")), ValueError, "omega must be a finite number"),
+    (dict(omega=torch.tensor([1.0, float("nan")])), ValueError, r"omega values must be >= 0 \(no NaN\)"),
+    (dict(omega=torch.tensor([1.0, -2.0])), ValueError, r"omega values must be >= 0"),
     (dict(omega=torch.tensor([1.0, 2.0, 3.0])), ValueError, r"omega must have shape \(\) or \(B,\)"),
-    (dict(omega="5"), TypeError, "omega must be a float or a tensor"),
+    (dict(omega=torch.tensor([1, 2])), TypeError, "omega must be a Python number or a floating-point tensor"),
+    (dict(omega="5"), TypeError, "omega must be a Python number or a tensor"),
+    (dict(omega=True), TypeError, "omega must be a Python number or a tensor"),
+    (dict(omega=torch.ones(2, device="meta")), ValueError, "omega must be on cpu"),
     (dict(latents=torch.randn(2, 3, 5), sigma=torch.ones(3)), ValueError, r"sigma must have shape \(\) or \(B,\)"),
     (dict(latents=torch.randn(2, 3, 5), sigma=torch.ones(2, 1)), ValueError, r"sigma must have shape"),
+    (dict(latents=torch.randn(2, 3, 5), sigma=-0.5), ValueError, "sigma must be >= 0"),
+    (dict(latents=torch.randn(2, 3, 5), sigma=[0.5]), TypeError, "sigma must be a Python number or a tensor"),
     (dict(latents=torch.randn(2, 3, 5)), ValueError, "latents and sigma must be given together"),
+    (dict(sigma=0.5), ValueError, "latents and sigma must be given together"),
     (dict(latents=torch.randn(2, 3, 6), sigma=0.5), ValueError, "latents must have v_cond's shape"),
+    (dict(latents=torch.randn(2, 3, 5).double(), sigma=0.5), TypeError, "latents must have dtype"),
+    (dict(latents=torch.randn(2, 3, 5).numpy(), sigma=0.5), TypeError, "latents must be a torch.Tensor"),
     (dict(s_star=torch.ones(3)), ValueError, r"s_star must have shape \(B,\)"),
+    (dict(s_star=torch.ones(2, dtype=torch.int64)), TypeError, "s_star must have dtype"),
+    (dict(s_star=1.0), TypeError, "s_star must be a torch.Tensor"),
+    (dict(backend="cuda"), ValueError, "backend must be one of"),
+    (dict(check_inputs=1), TypeError, "check_inputs must be a bool"),
 ])
 def test_bad_input(kwargs, exc, msg):
-    args = dict(v_cond=torch.randn(2, 3, 5), v_uncond=torch.randn(2, 3, 5), omega=5.0)
+    args = dict(v_cond=torch.randn(2, 3, 5), v_uncond=torch.randn(2, 3, 5), omega=5.0, backend="triton")
     args.update(kwargs)
     with pytest.raises(exc, match=msg):
-        kvlock_guidance(args.pop("v_cond"), args.pop("v_uncond"), args.pop("omega"), backend="triton", **args)
+        kvlock_guidance(args.pop("v_cond"), args.pop("v_uncond"), args.pop("omega"), **args)

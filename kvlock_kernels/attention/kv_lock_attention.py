@@ -1,25 +1,32 @@
-"""Fused KV-lock attention: blend background keys/values toward the source while
-they are loaded, inside a flash-style online-softmax attention kernel.
+"""Fused KV-lock attention: the locked keys/values are blended while their tiles are
+loaded, inside a flash-style online-softmax attention kernel.
 
     w_j = lock[b, j]                                # per key token, in [0, 1]
     K_j = k_j + w_j * (k_src_j - k_j)               # same for V
     out = softmax(q K^T * softmax_scale) V
 
-The blended K/V never exist in global memory.  Per KV block the kernel loads the
-lock weights first; when they are all 0 the source tile is not read, when they are
-all 1 the fresh tile is not read (foreground masks are mostly uniform over a block
-of 64-128 tokens, so most blocks read one tile, not two).  The skip is a
-block-uniform load predicate rather than a branch, so the software pipeliner sees
-one straight-line loop body, and the blend ``k + w (k_src - k)`` reproduces k or
-k_src exactly when w is 0 or 1.
+The blended K/V never exist in global memory.  Per KV block the kernel loads the block's
+lock weights once, then loads each K (and V) tile twice with per-row masks: the fresh
+rows where ``w < 1``, the source rows where ``w > 0`` (masked-off rows are not read from
+memory).  The tile is blended in fp32 with the library's one blending rule
+(``kvlock_kernels.reference.lock_kv``: ``w == 0`` selects k, ``w == 1`` selects k_src,
+``0 < w < 1`` is ``k + w (k_src - k)``), rounded once to the input dtype, and fed to ONE
+QK dot (and one PV dot for V): the tensor-core work of a locked block is that of a plain
+block, whatever its weights (all 0, all 1, constant, mixed).  There is no data-dependent
+branch: every block of the locked kernel runs the same straight-line code, so the
+software pipeliner sees all its loads.
 
-Layout of this file (Liger-Kernel style): the Triton kernel, its autotune configs,
-the launcher, the torch custom op (with fake implementation, for torch.compile),
-and the public ``kv_lock_attention``.
+``HAS_LOCK`` is a compile-time switch: the unlocked kernel loads one K and one V tile per
+block with no lock and no blend.  The KV loop runs over full blocks without boundary
+masks, then one masked tail block when the key length is not a multiple of BLOCK_N.
+
+Layout of this file: the Triton kernel, the launcher (configs in ``configs.py``), the
+torch custom op (fake implementation for torch.compile, recompute backward), and the
+public ``kv_lock_attention``.
 """
 from __future__ import annotations
 
-import math
+import functools
 from typing import Optional
 
 import torch
@@ -27,18 +34,129 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .._triton_helpers import cast_for_store
+from .._autograd import register_recompute_backward
+from .._triton_helpers import cast_for_store, round_to_bf16_rne
 from .._utils import device_guard, host_checks_allowed, triton_interpreting, use_triton
-from .._validate import check_same_device, check_tensor
+from .._validate import check_choice, check_same_device, check_same_dtype, check_softmax_scale, check_tensor
+from .configs import (  # noqa: F401  (re-exported: tests and tools read them here)
+    INTERPRETER_CONFIG,
+    INTERPRETER_CONFIGS,
+    KERNEL_CONFIGS,
+    block_d,
+    configs_for,
+    dtype_name,
+    head_dim_tier,
+)
 
-__all__ = ["kv_lock_attention", "KERNEL_CONFIGS", "configs_for_head_dim"]
+__all__ = ["kv_lock_attention", "fused_attention_with_config", "KERNEL_CONFIGS", "INTERPRETER_CONFIGS",
+           "configs_for", "configs_for_head_dim"]
 
 MAX_HEAD_DIM = 256
+# The largest BLOCK_M / BLOCK_N a launch may use: bounds the int32 offsets inside a tile.
+MAX_BLOCK = 128
+_INT32_LIMIT = 2 ** 31
 
 
 # --------------------------------------------------------------------------------------
 # Kernel
 # --------------------------------------------------------------------------------------
+@triton.jit
+def _dot_operand(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 values -> a dot operand in DTYPE, rounded to nearest once.  Under the
+    interpreter the rounded values stay fp32: its bf16 dot is wrong (triton#11584) and
+    its fp32 -> bf16 cast truncates."""
+    if INTERPRET:
+        if DTYPE == tl.bfloat16:
+            x = round_to_bf16_rne(x)
+        elif DTYPE == tl.float16:
+            x = x.to(tl.float16).to(tl.float32)
+    else:
+        x = x.to(DTYPE)
+    return x
+
+
+@triton.jit
+def _to_fp32(x):
+    if x.dtype == tl.bfloat16:
+        x = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _kv_tile(X, XS, offs_x, offs_xs, w, n_ok, d_ok, DTYPE: tl.constexpr, HAS_LOCK: tl.constexpr,
+             MASK_N: tl.constexpr, EVEN_D: tl.constexpr, INTERPRET: tl.constexpr):
+    """One (BLOCK_N, BLOCK_D) K or V tile, ready for the dot.  X, XS: pointers to the
+    block's first row of the fresh and the source tensor; offs_*: int32 tile offsets."""
+    if HAS_LOCK:
+        # Per-row masks: a row is read from the tensor(s) its weight needs; the other
+        # operand of that row is 0, never the memory (NaN/inf there cannot propagate).
+        fresh = w < 1.0
+        source = w > 0.0
+        if MASK_N:
+            fresh = fresh & n_ok
+            source = source & n_ok
+        fresh_2d = fresh[:, None]
+        source_2d = source[:, None]
+        if not EVEN_D:
+            fresh_2d = fresh_2d & d_ok[None, :]
+            source_2d = source_2d & d_ok[None, :]
+        x = _to_fp32(tl.load(X + offs_x, mask=fresh_2d, other=0.0))
+        xs = _to_fp32(tl.load(XS + offs_xs, mask=source_2d, other=0.0))
+        # (1 - w) x + w xs in fp32 (one multiply, one fma per element, no select):
+        # w == 0 gives x exactly (xs is 0, not read), w == 1 gives xs exactly (x is 0),
+        # inf included; 0 < w < 1 propagates NaN/inf of either operand.
+        tile = _dot_operand((1.0 - w)[:, None] * x + w[:, None] * xs, DTYPE, INTERPRET)
+    else:
+        if MASK_N:
+            if EVEN_D:
+                tile = tl.load(X + offs_x, mask=n_ok[:, None], other=0.0)
+            else:
+                tile = tl.load(X + offs_x, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            if EVEN_D:
+                tile = tl.load(X + offs_x)
+            else:
+                tile = tl.load(X + offs_x, mask=d_ok[None, :], other=0.0)
+        if INTERPRET:
+            tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _attend_block(acc, l_i, m_i, q, start_n, seqlen_kv,
+                  K, V, KS, VS, W, offs_k, offs_v, offs_ks, offs_vs, offs_n, d_ok,
+                  stride_ks, stride_vs, stride_kss, stride_vss, stride_locks, qk_scale,
+                  DTYPE: tl.constexpr, HAS_LOCK: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
+                  INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One KV block of the online softmax: one QK dot, one PV dot."""
+    blk = tl.cast(start_n, tl.int64)  # row offsets of a block can pass 2^31 elements
+    n_ok = offs_n < seqlen_kv - start_n
+    w = 0.0
+    if HAS_LOCK:  # the block's weights, loaded once for K and V
+        if MASK_N:
+            w = tl.load(W + (start_n + offs_n) * stride_locks, mask=n_ok, other=0.0)
+        else:
+            w = tl.load(W + (start_n + offs_n) * stride_locks)
+    k = _kv_tile(K + blk * stride_ks, KS + blk * stride_kss, offs_k, offs_ks, w, n_ok, d_ok,
+                 DTYPE, HAS_LOCK, MASK_N, EVEN_D, INTERPRET)
+    qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+    if MASK_N:
+        qk = tl.where(n_ok[None, :], qk, float("-inf"))
+    # Scores in base 2 (exp2 is the native instruction); the scale folds into the max.
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_ij = tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    v = _kv_tile(V + blk * stride_vs, VS + blk * stride_vss, offs_v, offs_vs, w, n_ok, d_ok,
+                 DTYPE, HAS_LOCK, MASK_N, EVEN_D, INTERPRET)
+    acc = tl.dot(_dot_operand(p, DTYPE, INTERPRET), v, acc, input_precision=INPUT_PRECISION)
+    l_i = l_i * alpha + l_ij
+    return acc, l_i, m_ij
+
+
 @triton.jit
 def _kv_lock_attn_fwd(
     Q, K, V, KS, VS, LOCK, OUT, LSE,
@@ -50,159 +168,87 @@ def _kv_lock_attn_fwd(
     stride_lockb, stride_locks,
     stride_ob, stride_os, stride_oh,
     num_heads, seqlen_q, seqlen_kv, group_size, qk_scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LOCK: tl.constexpr, STORE_LSE: tl.constexpr,
     INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    # One program: BLOCK_M query rows of one (batch, query head); the last dim of
-    # every tensor is contiguous (the launcher guarantees it).
+    # One program: BLOCK_M query rows of one (batch, query head).  The last dim of every
+    # tensor is contiguous (the launcher guarantees it).  Per-program and per-block bases
+    # are int64 (one batch entry may hold >= 2^31 elements); offsets inside a tile are
+    # int32 (the launcher bounds row strides).
+    DTYPE: tl.constexpr = Q.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // num_heads).to(tl.int64)
-    off_h = pid_bh % num_heads
+    off_h = (pid_bh % num_heads).to(tl.int64)
     off_hkv = off_h // group_size  # GQA: contiguous groups of query heads share a KV head
+    row0 = pid_m * BLOCK_M
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    m_ok = offs_m < seqlen_q
+    m_ok = offs_m < seqlen_q - row0
+    if EVEN_D:
+        q_mask = m_ok[:, None]
+    else:
+        q_mask = m_ok[:, None] & d_ok[None, :]
 
-    # Stage 1: the query tile stays in registers for the whole KV sweep.
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    # The query tile stays in registers for the whole KV sweep.
+    q_base = Q + off_b * stride_qb + off_h * stride_qh + row0.to(tl.int64) * stride_qs
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
     if INTERPRET:
         q = q.to(tl.float32)
 
-    # Row-independent base pointers; tiles are addressed as base + row * stride + d.
-    k_base = K + off_b * stride_kb + off_hkv * stride_kh
-    v_base = V + off_b * stride_vb + off_hkv * stride_vh
+    K = K + off_b * stride_kb + off_hkv * stride_kh
+    V = V + off_b * stride_vb + off_hkv * stride_vh
+    offs_k = offs_n[:, None] * stride_ks + offs_d[None, :]
+    offs_v = offs_n[:, None] * stride_vs + offs_d[None, :]
     if HAS_LOCK:
-        ks_base = KS + off_b * stride_ksb + off_hkv * stride_ksh
-        vs_base = VS + off_b * stride_vsb + off_hkv * stride_vsh
-        lock_base = LOCK + off_b * stride_lockb
+        KS = KS + off_b * stride_ksb + off_hkv * stride_ksh
+        VS = VS + off_b * stride_vsb + off_hkv * stride_vsh
+        W = LOCK + off_b * stride_lockb
+        offs_ks = offs_n[:, None] * stride_kss + offs_d[None, :]
+        offs_vs = offs_n[:, None] * stride_vss + offs_d[None, :]
+    else:  # never dereferenced
+        W = LOCK
+        offs_ks = offs_k
+        offs_vs = offs_v
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for start_n in range(0, seqlen_kv, BLOCK_N):
-        rows = start_n + offs_n
-        n_ok = rows < seqlen_kv
-        kv_ok = n_ok[:, None] & d_ok[None, :]
+    # Full blocks: no boundary masks.  Every row of every block holds a real key, so no
+    # row max is ever -inf (the tail below has at least one real key too).
+    n_full = seqlen_kv - seqlen_kv % BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q, start_n, seqlen_kv, K, V, KS, VS, W, offs_k, offs_v, offs_ks, offs_vs, offs_n, d_ok,
+            stride_ks, stride_vs, stride_kss, stride_vss, stride_locks, qk_scale_log2,
+            DTYPE, HAS_LOCK, False, EVEN_D, INTERPRET, INPUT_PRECISION)
+    if n_full < seqlen_kv:
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q, n_full, seqlen_kv, K, V, KS, VS, W, offs_k, offs_v, offs_ks, offs_vs, offs_n, d_ok,
+            stride_ks, stride_vs, stride_kss, stride_vss, stride_locks, qk_scale_log2,
+            DTYPE, HAS_LOCK, True, EVEN_D, INTERPRET, INPUT_PRECISION)
 
-        # Stage 2: classify the block by its lock weights.  Since w is per key row,
-        #   q . (k + w (k_src - k)) = s_new + w (s_src - s_new)
-        #   P (v + w (v_src - v))   = (P (1 - w)) v + (P w) v_src,
-        # so the blend moves onto the tensor cores: a uniform block (w all 0 or all 1,
-        # the common case) is one plain flash-attention step on the tensor it needs,
-        # and only a mixed block reads both tiles and issues two dots each.
-        k_blk = k_base
-        v_blk = v_base
-        stride_kn = stride_ks
-        stride_vn = stride_vs
-        mixed = False
-        if HAS_LOCK:
-            w = tl.load(lock_base + rows * stride_locks, mask=n_ok, other=0.0)
-            w_max = tl.max(w, axis=0)
-            w_min = tl.min(tl.where(n_ok, w, 1.0), axis=0)
-            mixed = (w_max > 0.0) & (w_min < 1.0)
-            if w_min >= 1.0:  # fully locked block: read the source only
-                k_blk = ks_base
-                v_blk = vs_base
-                stride_kn = stride_kss
-                stride_vn = stride_vss
-
-        # Stage 3: scores in base 2 (exp2 is the native instruction), padded keys -inf.
-        k = tl.load(k_blk + rows[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-        if INTERPRET:
-            k = k.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-        if HAS_LOCK:
-            if mixed:
-                k_src = tl.load(ks_base + rows[:, None] * stride_kss + offs_d[None, :], mask=kv_ok, other=0.0)
-                if INTERPRET:
-                    k_src = k_src.to(tl.float32)
-                qk_src = tl.dot(q, tl.trans(k_src), input_precision=INPUT_PRECISION)
-                qk = qk + w[None, :] * (qk_src - qk)
-        qk = qk * qk_scale_log2
-        qk = tl.where(n_ok[None, :], qk, float("-inf"))
-
-        # Stage 4: online softmax update, then accumulate P @ V in fp32.
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        correction = tl.math.exp2(m_i - m_new)
-        l_i = l_i * correction + tl.sum(p, axis=1)
-        acc = acc * correction[:, None]
-        v = tl.load(v_blk + rows[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
-        if INTERPRET:
-            v = v.to(tl.float32)
-        if HAS_LOCK:
-            if mixed:
-                v_src = tl.load(vs_base + rows[:, None] * stride_vss + offs_d[None, :], mask=kv_ok, other=0.0)
-                if INTERPRET:
-                    v_src = v_src.to(tl.float32)
-                acc = tl.dot((p * (1.0 - w)[None, :]).to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-                acc = tl.dot((p * w[None, :]).to(v.dtype), v_src, acc, input_precision=INPUT_PRECISION)
-            else:
-                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-        m_i = m_new
-
-    # Stage 5: normalise and write; lse back to natural log.
     acc = acc / l_i[:, None]
-    o_ptrs = OUT + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
-    tl.store(o_ptrs, cast_for_store(acc, OUT, INTERPRET), mask=m_ok[:, None] & d_ok[None, :])
-    if STORE_LSE:
+    o_base = OUT + off_b * stride_ob + off_h * stride_oh + row0.to(tl.int64) * stride_os
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], cast_for_store(acc, OUT, INTERPRET),
+             mask=q_mask)
+    if STORE_LSE:  # natural log, as flash-attn
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-        tl.store(LSE + pid_bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=m_ok)
+        tl.store(LSE + pid_bh.to(tl.int64) * seqlen_q + row0 + offs_m, lse, mask=m_ok)
 
 
 # --------------------------------------------------------------------------------------
-# Configs
+# Autotuning (the table is in configs.py)
 # --------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per GPU family and head-dim tier.  Every
-# entry compiles without register spills (``python -m kvlock_kernels.inspect --all``).
-# A mixed block keeps two score tiles and two P tiles live at once, which rules out
-# FlashAttention-2's 128x128 tile at head dim 128 and most tiles at head dim 256.
-KERNEL_CONFIGS = {
-    "sm90": {
-        "d64": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
-        "d128": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
-        "d256": [(64, 16, 4, 2), (32, 32, 4, 2)],
-        # Row strides not multiples of 16 elements (head dim 72 contiguous, say): loads
-        # cannot be vectorised or made asynchronous, so tiles must stay small.
-        "unaligned": [(128, 32, 8, 3), (64, 32, 4, 3), (64, 32, 8, 2)],
-    },
-    "sm80": {
-        "d64": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
-        "d128": [(64, 64, 4, 2), (64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3), (64, 32, 8, 2)],
-        "d256": [(64, 64, 8, 3), (64, 32, 8, 2), (32, 32, 4, 2)],
-        "unaligned": [(64, 64, 4, 2), (64, 64, 8, 3), (64, 32, 4, 3), (64, 32, 8, 2)],
-    },
-}
-# One config under the interpreter: autotuning there would only multiply test time.
-INTERPRETER_CONFIG = (64, 64, 4, 1)
-
-
-def head_dim_tier(head_dim: int, aligned: bool = True) -> str:
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if block_d > 128:
-        return "d256"
-    if not aligned:
-        return "unaligned"
-    return "d64" if block_d <= 64 else "d128"
-
-
-def configs_for_head_dim(head_dim: int, arch: int | None = None, aligned: bool = True):
-    """Autotune candidates for a head dim on an sm_<arch> GPU (default: the current one).
-    ``aligned``: every row stride of the launch is a multiple of 16 elements."""
-    if arch is None:
-        major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
-        arch = 10 * major + minor
-    return KERNEL_CONFIGS["sm90" if arch >= 90 else "sm80"][head_dim_tier(head_dim, aligned)]
+def configs_for_head_dim(head_dim: int, arch: int | None = None, aligned: bool = True, dtype=torch.bfloat16):
+    """Deprecated spelling of ``configs_for(head_dim, dtype, arch, aligned)`` (bf16 default)."""
+    return configs_for(head_dim, dtype, arch, aligned)
 
 
 _ROW_STRIDES = ("stride_qb", "stride_qs", "stride_qh", "stride_kb", "stride_ks", "stride_kh",
@@ -211,20 +257,23 @@ _ROW_STRIDES = ("stride_qb", "stride_qs", "stride_qh", "stride_kb", "stride_ks",
 
 
 def _autotune_configs():
-    unique = sorted({cfg for family in KERNEL_CONFIGS.values() for tier in family.values() for cfg in tier})
+    unique = sorted({cfg for family in KERNEL_CONFIGS.values() for per_dtype in family.values()
+                     for tier in per_dtype.values() for cfg in tier})
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in unique]
 
 
 def _prune_configs(configs, named_args, **kwargs):
+    # Candidates depend on the dtype (fp32 tiles are smaller) and on alignment; Triton's
+    # autotuner adds every tensor argument's dtype to the cache key, the strides are in
+    # the key below.
     aligned = all(named_args[n] % 16 == 0 for n in _ROW_STRIDES)
-    allowed = set(configs_for_head_dim(kwargs["HEAD_DIM"], aligned=aligned))
+    allowed = set(configs_for(kwargs["HEAD_DIM"], named_args["Q"].dtype, aligned=aligned))
     return [c for c in configs
             if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
 
 
 _kv_lock_attn_fwd_tuned = triton.autotune(
     configs=_autotune_configs(),
-    # The strides decide alignment, hence the candidate set: all of them are in the key.
     key=["HEAD_DIM", "HAS_LOCK", "STORE_LSE", "seqlen_q", "seqlen_kv", *_ROW_STRIDES],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_kv_lock_attn_fwd)
@@ -232,29 +281,53 @@ _kv_lock_attn_fwd_tuned = triton.autotune(
 
 def kernel_constexprs(dtype: torch.dtype, head_dim: int, *, has_lock: bool, store_lse: bool,
                       interpret: bool = False) -> dict:
-    """The non-tiling constexprs of ``_kv_lock_attn_fwd`` (also used by ``inspect``)."""
+    """The non-tiling constexprs of ``_kv_lock_attn_fwd`` (also used by the GPU report)."""
+    bd = block_d(head_dim)
     return dict(
         HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_D=bd,
+        EVEN_D=bd == head_dim,
         HAS_LOCK=has_lock,
         STORE_LSE=store_lse,
-        # Under the interpreter bf16 tl.dot is wrong (triton#11584) and fp32 -> bf16
-        # casts truncate: the kernel then upcasts dot operands and rounds bf16 stores
-        # itself.  GPU builds keep bf16 tensor-core dots and hardware rounding.
+        # Under the interpreter dot operands are upcast to fp32 (see _dot_operand).
         INTERPRET=interpret,
-        # fp32 inputs get true fp32 dots; half types use tensor cores.
-        INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        # fp32 inputs get IEEE fp32 dots (no TF32); half types use tensor cores.
+        INPUT_PRECISION="ieee" if (dtype == torch.float32 or interpret) else "tf32",
     )
 
 
 # --------------------------------------------------------------------------------------
 # Launcher (bshd views in, bshd-strided output written in place)
 # --------------------------------------------------------------------------------------
-def _launch_triton(q, k, v, k_src, v_src, lock, out, lse, softmax_scale):
+def check_offsets(q, k, v, k_src, v_src, lock, out) -> None:
+    """Refuse launches whose int32 in-tile offsets could overflow.
+
+    Program and block bases are int64 in the kernel; offsets inside one tile are
+    ``row * row_stride + d`` in int32, with row < MAX_BLOCK.  Only a row (sequence)
+    stride of about 2^24 elements or more can overflow them (bshd tensors have row
+    stride H * D; bhsd views D)."""
+    tensors = dict(q=q, k=k, v=v, k_src=k_src, v_src=v_src, out=out)
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        reach = MAX_BLOCK * t.stride(1) + t.shape[3]
+        if reach >= _INT32_LIMIT:
+            raise ValueError(f"{name} has a sequence stride of {t.stride(1)} elements: offsets inside one "
+                             f"{MAX_BLOCK}-row tile reach {reach} >= 2^31; make {name} contiguous in (B, S, H, D) "
+                             "or (B, H, S, D) order")
+    if lock is not None and lock.shape[1] * lock.stride(1) >= _INT32_LIMIT:
+        raise ValueError(f"lock's token offsets reach {lock.shape[1] * lock.stride(1)} >= 2^31 elements; "
+                         "pass a contiguous lock")
+
+
+def _launch_triton(q, k, v, k_src, v_src, lock, out, lse, softmax_scale, config=None):
+    """config: (BLOCK_M, BLOCK_N, num_warps, num_stages) to force; None autotunes on a GPU
+    and uses INTERPRETER_CONFIG under the interpreter."""
     B, Sq, Hq, D = q.shape
     Skv, Hkv = k.shape[1], k.shape[2]
     has_lock = lock is not None
     interpret = triton_interpreting()
+    check_offsets(q, k, v, k_src, v_src, lock, out)
     if not has_lock:  # placeholders, never dereferenced (HAS_LOCK is a constexpr)
         k_src, v_src, lock = k, v, q
         lock_strides = (0, 0)
@@ -274,8 +347,10 @@ def _launch_triton(q, k, v, k_src, v_src, lock, out, lse, softmax_scale):
         Hq, Sq, Skv, Hq // Hkv, softmax_scale * 1.4426950408889634,
     ]
     meta = kernel_constexprs(q.dtype, D, has_lock=has_lock, store_lse=store_lse, interpret=interpret)
-    if interpret:  # one fixed config: autotuning under the interpreter only costs time
-        bm, bn, warps, stages = INTERPRETER_CONFIG
+    if config is None and interpret:
+        config = INTERPRETER_CONFIG
+    if config is not None:
+        bm, bn, warps, stages = config
         grid = (triton.cdiv(Sq, bm), B * Hq)
         _kv_lock_attn_fwd[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     else:
@@ -286,7 +361,10 @@ def _launch_triton(q, k, v, k_src, v_src, lock, out, lse, softmax_scale):
 # --------------------------------------------------------------------------------------
 # Routing: flash-attn for plain attention on CUDA when installed
 # --------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
 def _flash_attn_func():
+    """flash_attn_func, or None; probed once per process (an import attempt costs ~50 us,
+    and a failed one is not cached by Python)."""
     try:
         from flash_attn import flash_attn_func
     except Exception:  # ImportError, or a broken CUDA build
@@ -313,7 +391,7 @@ def _run_flash(q, k, v, softmax_scale, return_lse):
 
 
 # --------------------------------------------------------------------------------------
-# Custom op: opaque to torch.compile, with a fake implementation for tracing
+# Custom op: opaque to torch.compile, with a fake implementation and a backward
 # --------------------------------------------------------------------------------------
 def _empty_out(q, layout):
     B, Sq, Hq, D = q.shape
@@ -362,18 +440,35 @@ def _(q, k, v, k_src, v_src, lock, softmax_scale, layout, return_lse, backend):
     return out, lse
 
 
+def _recompute(q, k, v, k_src, v_src, lock, softmax_scale, layout, return_lse, backend):
+    """The op's outputs from its differentiable PyTorch path (the backward recomputes it)."""
+    res = reference.kv_lock_attention_torch(q, k, v, k_src, v_src, lock, softmax_scale=softmax_scale,
+                                            return_lse=return_lse)
+    out, lse = res if return_lse else (res, q.new_empty(0, dtype=torch.float32))
+    return (out.transpose(1, 2) if layout == "bhsd" else out), lse
+
+
+# Not fused: the backward re-runs the forward in PyTorch under autograd (the blend is
+# linear, so gradients reach q, k, v, k_src, v_src and the lock), then its backward.
+register_recompute_backward(_kv_lock_attention_op, _recompute)
+
+
 # --------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------
+_LOCK_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool)
+
+
 def _check_lock(lock, batch, seqlen_kv, check_values):
-    check_tensor("lock", lock, dtypes=(torch.float16, torch.bfloat16, torch.float32,
-                                       torch.float64, torch.bool))
+    """lock -> fp32 (B|1, Skv), contiguous."""
+    check_tensor("lock", lock, dtypes=_LOCK_DTYPES,
+                 layout=f"of shape (B, Skv) = ({batch}, {seqlen_kv}), (1, {seqlen_kv}) or ({seqlen_kv},)")
     given = tuple(lock.shape)
     if lock.dim() == 1:
         lock = lock[None]
     if lock.dim() != 2 or lock.shape[1] != seqlen_kv or lock.shape[0] not in (1, batch):
-        raise ValueError(f"lock must have shape (B, Skv), (1, Skv) or (Skv,) with B={batch}, "
-                         f"Skv={seqlen_kv}; got {given}")
+        raise ValueError(f"lock must have shape (B, Skv) = ({batch}, {seqlen_kv}), (1, {seqlen_kv}) or "
+                         f"({seqlen_kv},); got {given}")
     if lock.dtype == torch.bool:
         return lock.to(torch.float32)
     if check_values and host_checks_allowed():
@@ -382,61 +477,37 @@ def _check_lock(lock, batch, seqlen_kv, check_values):
             raise ValueError("lock values must lie in [0, 1] (no NaN); got min "
                              f"{lock.min().item():g}, max {lock.max().item():g}, "
                              f"{int(torch.isnan(lock).sum())} NaN")
-    return lock.to(torch.float32)
+    return lock.to(torch.float32).contiguous()
 
 
 def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def kv_lock_attention(q, k, v, k_src=None, v_src=None, lock=None, *, softmax_scale=None,
-                      layout: str = "bshd", return_lse: bool = False, backend: str = "auto",
-                      check_inputs: bool = True):
-    """Attention with KV-Lock: keys/values pulled toward the source branch per key token.
-
-    Arguments (layout "bshd"; with layout="bhsd" swap the S and H axes of every 4-D tensor):
-        q: (B, Sq, Hq, D), fp16 / bf16 / fp32.
-        k, v: (B, Skv, Hkv, D), same dtype and device as q.  Hq must be divisible by
-            Hkv (GQA/MQA: query head h reads KV head h // (Hq // Hkv)).
-        k_src, v_src: (B, Skv, Hkv, D) or (1, Skv, Hkv, D); the source keys/values.  A
-            source branch shared by the CFG branches may be an expanded view with batch
-            stride 0: it is read in place, never copied.
-        lock: (B, Skv), (1, Skv) or (Skv,), float in [0, 1] or bool.  The locked keys are
-            ``k + lock * (k_src - k)``, same for v.  lock=None or k_src=None gives plain
-            attention.
-        softmax_scale: defaults to 1 / sqrt(D).
-        return_lse: also return the log-sum-exp of the scaled scores, (B, Hq, Sq) fp32,
-            natural log (as flash-attn).
-        backend: "auto" (Triton on CUDA; on CPU the PyTorch path, or the Triton kernel
-            under TRITON_INTERPRET=1; flash-attn for unlocked fp16/bf16 CUDA calls when
-            installed), "triton" or "torch".
-        check_inputs: check lock values lie in [0, 1].  This reads the lock on the host
-            (one sync); it is skipped automatically under torch.compile and CUDA-graph
-            capture, and can be switched off in a hot loop whose lock is built in range.
-    Returns:
-        out: (B, Sq, Hq, D) in q's dtype (bhsd memory order for layout="bhsd"), and
-        lse when return_lse is True.
-    """
+def _prepare(q, k, v, k_src, v_src, lock, softmax_scale, layout, check_inputs):
+    """Validate everything (before any launch) and normalise to bshd views.
+    Returns (q, k, v, k_src, v_src, lock, scale) with k_src = v_src = lock = None for plain
+    attention, the source expanded to batch B, lock fp32 (B|1, Skv)."""
+    check_choice("layout", layout, ("bshd", "bhsd"))
+    dims = "(B, S, H, D)" if layout == "bshd" else "(B, H, S, D)"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=4)
-    if layout not in ("bshd", "bhsd"):
-        raise ValueError(f"layout must be 'bshd' or 'bhsd', got {layout!r}")
+        check_tensor(name, t, ndim=4, layout=dims)
     if (k_src is None) != (v_src is None):
         raise ValueError("k_src and v_src must be given together (got only "
                          f"{'k_src' if v_src is None else 'v_src'})")
     for name, t in (("k_src", k_src), ("v_src", v_src)):
         if t is not None:
-            check_tensor(name, t, ndim=4)
-    check_same_device(q=q, k=k, v=v, k_src=k_src, v_src=v_src, lock=lock)
+            check_tensor(name, t, ndim=4, layout=dims)
     for name, t in (("k", k), ("v", v), ("k_src", k_src), ("v_src", v_src)):
-        if t is not None and t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        check_same_dtype(name, t, "q", q)
+    if lock is not None:  # kind and dtype first (TypeError), its shape below
+        check_tensor("lock", lock, dtypes=_LOCK_DTYPES, layout="of shape (B, Skv), (1, Skv) or (Skv,)")
+    check_same_device(q=q, k=k, v=v, k_src=k_src, v_src=v_src, lock=lock)
 
     to_bshd = (lambda t: t.transpose(1, 2)) if layout == "bhsd" else (lambda t: t)
     q, k, v = to_bshd(q), to_bshd(k), to_bshd(v)
     B, Sq, Hq, D = q.shape
     Skv, Hkv = k.shape[1], k.shape[2]
-    dims = "(B, S, H, D)" if layout == "bshd" else "(B, H, S, D)"
     if tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"v must have k's shape {dims}={tuple(to_bshd(k).shape)}, got {tuple(to_bshd(v).shape)}")
     if k.shape[0] != B:
@@ -449,6 +520,7 @@ def kv_lock_attention(q, k, v, k_src=None, v_src=None, lock=None, *, softmax_sca
         raise ValueError(f"number of query heads ({Hq}) must be divisible by number of KV heads ({Hkv})")
     if Skv == 0:
         raise ValueError("k and v must have at least one key token (Skv=0)")
+    scale = check_softmax_scale(softmax_scale, D)
 
     if k_src is not None:
         k_src, v_src = to_bshd(k_src), to_bshd(v_src)
@@ -460,20 +532,134 @@ def kv_lock_attention(q, k, v, k_src=None, v_src=None, lock=None, *, softmax_sca
         k_src, v_src = k_src.expand(B, -1, -1, -1), v_src.expand(B, -1, -1, -1)
     if lock is not None:
         lock = _check_lock(lock, B, Skv, check_inputs)
-    locked = lock is not None and k_src is not None
-    if not locked:
+    if lock is None or k_src is None:
         k_src = v_src = lock = None
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    if lock is not None:
+        k_src, v_src = _last_dim_contiguous(k_src), _last_dim_contiguous(v_src)
+    return q, k, v, k_src, v_src, lock, scale
 
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+
+def kv_lock_attention(q, k, v, k_src=None, v_src=None, lock=None, *, softmax_scale=None,
+                      layout: str = "bshd", return_lse: bool = False, backend: str = "auto",
+                      check_inputs: bool = True):
+    """Attention with KV-Lock: keys/values pulled toward the source branch per key token.
+
+    Arguments (layout "bshd"; with layout="bhsd" swap the S and H axes of every 4-D tensor):
+        q: (B, Sq, Hq, D), fp16 / bf16 / fp32.
+        k, v: (B, Skv, Hkv, D), same dtype and device as q.  Hq must be divisible by
+            Hkv (GQA/MQA: query head h reads KV head h // (Hq // Hkv)).
+        k_src, v_src: (B, Skv, Hkv, D) or (1, Skv, Hkv, D), q's dtype; the source
+            keys/values.  A source branch shared by the CFG branches may be an expanded
+            view with batch stride 0: it is read in place, never copied.
+        lock: (B, Skv), (1, Skv) or (Skv,) tensor, float in [0, 1] or bool.  The locked
+            keys follow the library's blending rule (``kvlock_kernels.reference.lock_kv``):
+            ``k + lock * (k_src - k)`` in fp32, rounded once; weight 0 selects k and does
+            not read k_src, weight 1 selects k_src and does not read k; same for v.
+            lock=None or k_src=None gives plain attention.
+        softmax_scale: a finite positive Python number; defaults to 1 / sqrt(D).
+        return_lse: also return the log-sum-exp of the scaled scores, (B, Hq, Sq) fp32,
+            natural log (as flash-attn).
+        backend: "auto" (Triton on CUDA; on CPU the PyTorch path, or the Triton kernel
+            under TRITON_INTERPRET=1; flash-attn for unlocked fp16/bf16 CUDA calls when
+            installed), "triton" or "torch".
+        check_inputs: check lock values lie in [0, 1].  This reads the lock on the host
+            (one sync); it is skipped automatically under torch.compile and CUDA-graph
+            capture, and can be switched off in a hot loop whose lock is built in range.
+    Returns:
+        out: (B, Sq, Hq, D) in q's dtype (bhsd memory order for layout="bhsd"), and
+        lse when return_lse is True.
+    Autograd: differentiable in q, k, v, k_src, v_src and a floating lock.  The backward
+    is not fused: it recomputes the forward with the PyTorch path under autograd.
+    Raises TypeError for a wrong kind of argument or dtype (including dtype mismatches),
+    ValueError for wrong shapes, devices, values, or launches whose offsets would
+    overflow (see ``check_offsets``).
+    """
+    q, k, v, k_src, v_src, lock, scale = _prepare(q, k, v, k_src, v_src, lock, softmax_scale, layout,
+                                                  check_inputs)
+    B, Sq, Hq, _ = q.shape
     if Sq == 0:
         out = _empty_out(q, layout)
         out = out.transpose(1, 2) if layout == "bhsd" else out
         lse = q.new_empty(B, Hq, 0, dtype=torch.float32)
         return (out, lse) if return_lse else out
-
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    if locked:
-        k_src, v_src = _last_dim_contiguous(k_src), _last_dim_contiguous(v_src)
-    use_triton(q.device, backend)  # raise on an impossible backend before anything runs
+    if use_triton(q.device, backend):  # raises on an impossible backend before anything runs
+        check_offsets(q, k, v, k_src, v_src, lock, q)
     out, lse = _kv_lock_attention_op(q, k, v, k_src, v_src, lock, scale, layout, return_lse, backend)
     return (out, lse) if return_lse else out
+
+
+def fused_attention_with_config(q, k, v, k_src, v_src, lock, config, *, softmax_scale=None, return_lse=False):
+    """The fused kernel with a forced ``config = (BLOCK_M, BLOCK_N, num_warps, num_stages)``
+    (tests and the GPU tier sweep the config table with it; no autotuning).
+
+    Tensors as ``kv_lock_attention`` with layout "bshd" (k_src/v_src/lock may be None:
+    plain attention); CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.  Not
+    differentiable.  Returns out (B, Sq, Hq, D), and lse (B, Hq, Sq) fp32 if asked.
+    """
+    if (not isinstance(config, (tuple, list)) or len(config) != 4
+            or not all(isinstance(c, int) and not isinstance(c, bool) for c in config)):
+        raise TypeError(f"config must be a tuple of 4 ints (BLOCK_M, BLOCK_N, num_warps, num_stages), got {config!r}")
+    bm, bn, warps, stages = config
+    if (bm not in (16, 32, 64, 128) or bn not in (16, 32, 64, 128) or warps not in (1, 2, 4, 8, 16)
+            or stages < 1):
+        raise ValueError(f"config must have BLOCK_M, BLOCK_N in (16, 32, 64, 128), num_warps a power of 2 <= 16 "
+                         f"and num_stages >= 1, got {tuple(config)}")
+    q, k, v, k_src, v_src, lock, scale = _prepare(q, k, v, k_src, v_src, lock, softmax_scale, "bshd", True)
+    use_triton(q.device, "triton")  # raises unless CUDA or the interpreter
+    B, Sq, Hq, _ = q.shape
+    out = _empty_out(q, "bshd")
+    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device) if return_lse else None
+    if Sq > 0:
+        with torch.no_grad(), device_guard(q.device):
+            _launch_triton(q, k, v, k_src, v_src, lock, out, lse, scale, config=tuple(config))
+    return (out, lse) if return_lse else out
+
+
+
+# --------------------------------------------------------------------------------------
+# GPU report jobs (python -m kvlock_kernels.tools.gpu_report; see its job protocol)
+# --------------------------------------------------------------------------------------
+_REPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def gpu_report_jobs(arch: int, all_configs: bool) -> list:
+    """Both variants (HAS_LOCK False / True) of every config: with ``all_configs`` fp16,
+    bf16 and fp32 at head dims 64, 72, 80, 96, 128, 256 and every table entry; else bf16
+    at head dims 64 and 128, the first (preferred) entry of each."""
+    dtypes = ("bf16", "fp16", "fp32") if all_configs else ("bf16",)
+    head_dims = (64, 72, 80, 96, 128, 256) if all_configs else (64, 128)
+    jobs = []
+    for dt in dtypes:
+        for d in head_dims:
+            configs = configs_for(d, dt, arch, aligned=d % 16 == 0)
+            for cfg in (configs if all_configs else configs[:1]):
+                for builder in ("_gpu_report_plain", "_gpu_report_locked"):
+                    jobs.append(("kv_lock_attention", __name__, builder, arch, dt, d, tuple(cfg)))
+    return jobs
+
+
+def _gpu_report_spec(dt_name, head_dim, config, has_lock):
+    bm, bn, warps, stages = config
+    const = kernel_constexprs(_REPORT_DTYPES[dt_name], head_dim, has_lock=has_lock, store_lse=True)
+    const.update(BLOCK_M=bm, BLOCK_N=bn)
+    ptr = "*" + dt_name
+    types = {n: ptr for n in ("Q", "K", "V", "KS", "VS", "OUT")}
+    types.update(LOCK="*fp32", LSE="*fp32", qk_scale_log2="fp32")
+    # A contiguous (B, S, H, D) launch: every stride is a multiple of 16 elements except
+    # the head strides (= D) when D is not.
+    divisible = [n for n in _ROW_STRIDES + ("stride_lockb",) if not n.endswith("h") or head_dim % 16 == 0]
+    return dict(fn=_kv_lock_attn_fwd, const=const, types=types, warps=warps, stages=stages,
+                pointers=("Q", "K", "V", "KS", "VS", "LOCK", "OUT", "LSE"), unit_strides=("stride_locks",),
+                divisible=divisible, config=f"M{bm}/N{bn}/w{warps}/s{stages}",
+                variant="locked" if has_lock else "plain",
+                classes=("every locked block class (w all 0, all 1, constant, mixed) runs this one code path"
+                         if has_lock else "no lock (HAS_LOCK=False)"))
+
+
+def _gpu_report_plain(arch, dt_name, head_dim, config):
+    return _gpu_report_spec(dt_name, head_dim, config, has_lock=False)
+
+
+def _gpu_report_locked(arch, dt_name, head_dim, config):
+    return _gpu_report_spec(dt_name, head_dim, config, has_lock=True)

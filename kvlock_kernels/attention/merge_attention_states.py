@@ -7,6 +7,15 @@ With lse = log(sum exp(scores)) over each key set,
 
 which equals attention over the union of the keys.  This is what lets a KV cache be
 split (resident + spilled), or keys be sharded across devices (context parallelism).
+Both backends compute it relative to the larger lse of each row (exact at any lse
+magnitude: two equal lse of 1e8 still give weights 1/2, 1/2).
+
+Non-finite inputs (both backends):
+- lse -inf marks an empty partial (weight 0); both -inf give out 0 and lse -inf.
+- NaN or +inf in lse_a or lse_b gives NaN for that row's out (all of D) and lse.
+- A partial whose weight is 0 (lse -inf, or so far below the other that its weight
+  underflows) is not read, as the blending rule's w == 0: NaN/inf in its out do not
+  propagate.  Otherwise NaN/inf in out_a / out_b propagate per element.
 """
 from __future__ import annotations
 
@@ -17,7 +26,15 @@ import triton.language as tl
 from .. import reference
 from .._triton_helpers import cast_for_store
 from .._utils import device_guard, triton_interpreting, use_triton
-from .._validate import check_same_device, check_tensor
+from .._validate import (
+    check_backend,
+    check_choice,
+    check_same_device,
+    check_same_dtype,
+    check_same_shape,
+    check_shape,
+    check_tensor,
+)
 
 __all__ = ["merge_attention_states"]
 
@@ -49,6 +66,10 @@ def _merge_states_kernel(
     lb = tl.load(LB + lse_off, mask=s_ok, other=float("-inf"))
     # Weights relative to the larger lse; a row whose two partials are both empty
     # (-inf) gets zero weights and lse -inf instead of NaN.
+    # NaN or +inf in either lse: the row is NaN (tl.maximum would drop a NaN).
+    invalid = (la != la) | (lb != lb) | (la == float("inf")) | (lb == float("inf"))
+    la = tl.where(invalid, 0.0, la)
+    lb = tl.where(invalid, 0.0, lb)
     m = tl.maximum(la, lb)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     wa = tl.exp(la - m_safe)
@@ -57,16 +78,25 @@ def _merge_states_kernel(
     nonempty = total > 0
     safe_total = tl.where(nonempty, total, 1.0)
     lse = tl.where(nonempty, m_safe + tl.log(safe_total), float("-inf"))
+    lse = tl.where(invalid, float("nan"), lse)
     inv = tl.where(nonempty, 1.0 / safe_total, 0.0)
+    wa = wa * inv
+    wb = wb * inv
 
     a = tl.load(OA + off_b * stride_ab + off_h * stride_ah + offs_s[:, None] * stride_as + offs_d[None, :],
                 mask=tile_ok, other=0.0).to(tl.float32)
     b = tl.load(OB + off_b * stride_bb + off_h * stride_bh + offs_s[:, None] * stride_bs + offs_d[None, :],
                 mask=tile_ok, other=0.0).to(tl.float32)
-    out = (a * (wa * inv)[:, None] + b * (wb * inv)[:, None])
+    # A partial of weight 0 is not read (its out may hold NaN/inf: an empty partial).
+    out = (tl.where((wa > 0)[:, None], a * wa[:, None], 0.0) + tl.where((wb > 0)[:, None], b * wb[:, None], 0.0))
+    out = tl.where(invalid[:, None], float("nan"), out)
     tl.store(OUT + off_b * stride_ob + off_h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
              cast_for_store(out, OUT, INTERPRET), mask=tile_ok)
     tl.store(LOUT + lse_off, lse, mask=s_ok)
+
+
+def _dims_of(layout: str) -> str:
+    return "(B, S, H, D)" if layout == "bshd" else "(B, H, S, D)"
 
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b, *, layout: str = "bshd", backend: str = "auto"):
@@ -74,28 +104,29 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, layout: str = "bshd", 
 
     Arguments:
         out_a, out_b: (B, S, H, D) (layout "bshd") or (B, H, S, D) ("bhsd"); fp16/bf16/fp32,
-            same shape and dtype.
+            same shape and dtype, any strides.
         lse_a, lse_b: (B, H, S) fp32 natural-log log-sum-exp, as returned by
-            ``kv_lock_attention(..., return_lse=True)``.  -inf marks an empty partial.
+            ``kv_lock_attention(..., return_lse=True)``.  -inf marks an empty partial;
+            NaN or +inf makes the row NaN (module docstring).
+        layout: "bshd" or "bhsd".
     Returns:
         (out, lse): out like out_a (same layout, contiguous), lse (B, H, S) fp32.
+    Raises TypeError (not a tensor, a dtype, a dtype mismatch, a non-string layout) or
+    ValueError (shapes, devices, unknown layout or backend) before anything runs.
     """
-    for name, t in (("out_a", out_a), ("out_b", out_b)):
-        check_tensor(name, t, ndim=4)
+    check_choice("layout", layout, ("bshd", "bhsd"))
+    check_tensor("out_a", out_a, ndim=4, layout=_dims_of(layout))
+    check_tensor("out_b", out_b, ndim=4, layout=_dims_of(layout))
+    check_same_dtype("out_b", out_b, "out_a", out_a)
+    check_same_shape("out_b", out_b, "out_a", out_a)
     for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
-        check_tensor(name, t, dtypes=(torch.float32,), ndim=3)
+        check_tensor(name, t, dtypes=(torch.float32,), ndim=3, layout="(B, H, S)")
     check_same_device(out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
-    if layout not in ("bshd", "bhsd"):
-        raise ValueError(f"layout must be 'bshd' or 'bhsd', got {layout!r}")
-    if out_b.shape != out_a.shape or out_b.dtype != out_a.dtype:
-        raise ValueError(f"out_b must match out_a: shape {tuple(out_a.shape)} dtype {out_a.dtype}, "
-                         f"got {tuple(out_b.shape)} {out_b.dtype}")
     a = out_a.transpose(1, 2) if layout == "bhsd" else out_a
     B, S, H, D = a.shape
     for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
-        if tuple(t.shape) != (B, H, S):
-            raise ValueError(f"{name} must have shape (B, H, S)={(B, H, S)}, got {tuple(t.shape)}")
-
+        check_shape(name, t, (B, H, S), f"(B, H, S) to match out_a {_dims_of(layout)} = {tuple(out_a.shape)}")
+    check_backend(backend)
     use_triton(a.device, backend)  # an impossible backend raises here, before the op
     return _merge_op(out_a, lse_a, out_b, lse_b, layout, backend)
 

@@ -10,6 +10,16 @@ channels and the N predictions accumulating sums of x_n - x_0 (shifted by the fi
 prediction: stable for large means, unlike a raw sum of squares), writes its var_map
 block and a partial masked sum and count.  The partials are reduced in a fixed order
 afterwards, so the result is deterministic.
+
+Contract (both backends):
+- shapes: N >= 2, C >= 1 (C = 0 is a ValueError: a mean over no channels is undefined);
+  B = 0 gives empty outputs; no spatial dims (x of shape (N, B, C)) gives var_map (B,)
+  and masked_mean = var_map; empty spatial dims give an empty var_map and masked_mean 0.
+  Any strides.
+- non-finite values: NaN or +-inf anywhere in x[:, b, :, s] gives var_map[b, s] = NaN;
+  masked_mean[b] is NaN when such a position is counted (mask nonzero there, or no
+  mask) and unaffected otherwise.  A sample with nothing counted gives 0.  Mask values
+  only select (nonzero, NaN included, counts).
 """
 from __future__ import annotations
 
@@ -21,7 +31,7 @@ import triton.language as tl
 
 from .. import reference
 from .._utils import device_guard, use_triton
-from .._validate import check_same_device, check_tensor
+from .._validate import check_backend, check_int, check_same_device, check_tensor
 
 __all__ = ["branch_variance"]
 
@@ -56,7 +66,10 @@ def _branch_variance_kernel(
             s1 += d
             s2 += d * d
             pred_ptr += stride_n
-        m2_sum += tl.maximum(s2 - s1 * s1 * inv_preds, 0.0)
+        # Rounding can leave a tiny negative m2: clamp it, but keep NaN (a non-finite input)
+        # where tl.maximum would drop it.
+        m2 = s2 - s1 * s1 * inv_preds
+        m2_sum += tl.where(m2 < 0.0, 0.0, m2)
         chan_ptr += stride_c
     var = m2_sum * inv_dof * inv_channels
     tl.store(VAR + pid_b.to(tl.int64) * num_positions + offs, var, mask=ok)
@@ -72,22 +85,27 @@ def _branch_variance_kernel(
     tl.store(PART_CNT + part, tl.sum(sel.to(tl.float32), axis=0))
 
 
-def _check_args(x, mask, correction):
-    check_tensor("x", x)
-    if x.dim() < 3:
-        raise ValueError(f"x must be (N, B, C, *spatial) with at least 3 dims, got shape {tuple(x.shape)}")
-    if x.shape[0] < 2:
-        raise ValueError(f"x must stack N >= 2 predictions along dim 0, got N={x.shape[0]}")
-    if isinstance(correction, bool) or not isinstance(correction, int) or not 0 <= correction < x.shape[0]:
-        raise ValueError(f"correction must be an int in [0, N) with N={x.shape[0]}, got {correction!r}")
+def _check_args(x, mask, correction, backend):
+    check_tensor("x", x, min_ndim=3, layout="(N, B, C, *spatial)")
+    N, B, C = x.shape[:3]
+    if N < 2:
+        raise ValueError(f"x must stack N >= 2 predictions along dim 0 (N, B, C, *spatial), got shape {tuple(x.shape)}")
+    if C < 1:
+        raise ValueError(f"x must have C >= 1 channels (N, B, C, *spatial): the variance is averaged over channels, "
+                         f"got shape {tuple(x.shape)}")
+    correction = check_int("correction", correction, low=0, high=N - 1)
     if mask is not None:
-        check_tensor("mask", mask, dtypes=None)
+        check_tensor("mask", mask, dtypes=None, layout="(B or 1, *spatial)")
         spatial = tuple(x.shape[3:])
-        B = x.shape[1]
-        if tuple(mask.shape[1:]) != spatial or mask.shape[0] not in (1, B):
-            raise ValueError(f"mask must have shape (B or 1, *spatial) = ({B} or 1, "
-                             f"{', '.join(map(str, spatial))}), got {tuple(mask.shape)}")
+        if tuple(mask.shape[1:]) != spatial or mask.dim() != 1 + len(spatial) or mask.shape[0] not in (1, B):
+            want = ", ".join(map(str, (f"{B} or 1", *spatial)))
+            raise ValueError(f"mask must have shape (B or 1, *spatial) = ({want}) to match x of shape "
+                             f"{tuple(x.shape)}, got {tuple(mask.shape)}")
+        if mask.is_complex():
+            raise TypeError(f"mask must be a real or bool tensor, got {str(mask.dtype).replace('torch.', '')}")
         check_same_device(x=x, mask=mask)
+    check_backend(backend)
+    return correction
 
 
 def branch_variance(x: torch.Tensor, *, mask: Optional[torch.Tensor] = None, correction: int = 1,
@@ -95,15 +113,19 @@ def branch_variance(x: torch.Tensor, *, mask: Optional[torch.Tensor] = None, cor
     """Variance across stacked predictions, averaged over channels, and its masked mean.
 
     Arguments:
-        x: (N, B, C, *spatial), fp16/bf16/fp32, N >= 2.
-        mask: (B, *spatial) or (1, *spatial), any dtype; positions where it is nonzero
-            count for masked_mean.  None: all positions.
-        correction: degrees-of-freedom correction of the variance (1: unbiased), < N.
+        x: (N, B, C, *spatial), fp16/bf16/fp32, N >= 2 stacked predictions, C >= 1,
+            zero or more spatial dims, any strides.
+        mask: (B, *spatial) or (1, *spatial), bool/int/float; positions where it is
+            nonzero count for masked_mean.  None: all positions.
+        correction: degrees-of-freedom correction of the variance (1: unbiased), in [0, N).
     Returns:
         var_map: (B, *spatial) fp32.
-        masked_mean: (B,) fp32; 0 for a sample whose mask is empty (never NaN).
+        masked_mean: (B,) fp32; 0 for a sample with no counted position.  It is NaN only
+            where a counted position of var_map is NaN (a NaN or inf in x there).
+    Raises TypeError (not a tensor, wrong dtype) or ValueError (shapes, N < 2, C = 0,
+    correction out of range, devices, backend) before anything runs.
     """
-    _check_args(x, mask, correction)
+    correction = _check_args(x, mask, correction, backend)
     use_triton(x.device, backend)  # an impossible backend raises here, before the op
     return _branch_variance_op(x, mask, correction, backend)
 

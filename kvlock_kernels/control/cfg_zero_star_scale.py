@@ -5,8 +5,17 @@
 One read of both inputs: each program reduces a block of one sample to a partial dot
 product and squared norm (fp32); the partials are summed in a fixed order afterwards,
 so the result has the same bits on every run (no float atomics).
+
+Contract (both backends):
+- shapes: (B, ...) with B >= 0; a 1-D input is B samples of one element each; a sample
+  with no elements (B, 0, ...) has s* = 0 / (0 + eps) = 0.  Any strides.
+- eps: a finite number > 0 (with eps = 0 a zero v_uncond would give 0 / 0).
+- non-finite values: s*[b] is NaN when sample b of either input holds a NaN or +-inf (or
+  its fp32 sums overflow); s* is otherwise finite.  Other samples are unaffected.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -14,7 +23,15 @@ import triton.language as tl
 
 from .. import reference
 from .._utils import device_guard, use_triton
-from .._validate import check_same_device, check_tensor
+from .._validate import (
+    check_backend,
+    check_real,
+    check_same_device,
+    check_same_dtype,
+    check_same_shape,
+    check_tensor,
+)
+from ..reference.control import _finalise_scale
 
 __all__ = ["cfg_zero_star_scale"]
 
@@ -35,14 +52,12 @@ def _dot_and_norm_kernel(VC, VU, PART_DOT, PART_NORM, numel_per_sample, num_bloc
 
 
 def check_prediction_pair(v_cond, v_uncond):
-    """Shared checks of a (conditional, unconditional) prediction pair."""
-    check_tensor("v_cond", v_cond)
-    check_tensor("v_uncond", v_uncond)
-    if v_cond.shape != v_uncond.shape or v_cond.dtype != v_uncond.dtype:
-        raise ValueError(f"v_uncond must match v_cond: shape {tuple(v_cond.shape)} dtype {v_cond.dtype}, "
-                         f"got {tuple(v_uncond.shape)} {v_uncond.dtype}")
-    if v_cond.dim() < 1:
-        raise ValueError("v_cond must have a batch dimension (B, ...)")
+    """Shared checks of a (conditional, unconditional) prediction pair: tensors of one
+    float dtype (TypeError), one shape with a batch dim and one device (ValueError)."""
+    check_tensor("v_cond", v_cond, min_ndim=1, layout="(B, ...)")
+    check_tensor("v_uncond", v_uncond, min_ndim=1, layout="(B, ...)")
+    check_same_dtype("v_uncond", v_uncond, "v_cond", v_cond)
+    check_same_shape("v_uncond", v_uncond, "v_cond", v_cond)
     check_same_device(v_cond=v_cond, v_uncond=v_uncond)
 
 
@@ -52,16 +67,16 @@ def cfg_zero_star_scale(v_cond: torch.Tensor, v_uncond: torch.Tensor, eps: float
 
     Arguments:
         v_cond, v_uncond: (B, ...) conditional / unconditional predictions, same shape
-            and dtype (fp16/bf16/fp32).
-        eps: added to the squared norm.
+            and dtype (fp16/bf16/fp32), any strides; a 1-D input is B one-element samples.
+        eps: added to the squared norm, a finite number > 0.
     Returns:
-        s_star: (B,) fp32, deterministic.
+        s_star: (B,) fp32, deterministic; NaN for a sample holding a NaN or inf.
     """
     check_prediction_pair(v_cond, v_uncond)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    eps = check_real("eps", eps, low=0.0, low_open=True)
+    check_backend(backend)
     use_triton(v_cond.device, backend)  # an impossible backend raises here, before the op
-    return _cfg_zero_star_op(v_cond, v_uncond, float(eps), backend)
+    return _cfg_zero_star_op(v_cond, v_uncond, eps, backend)
 
 
 @torch.library.custom_op("kvlock_kernels::cfg_zero_star_scale", mutates_args=())
@@ -69,8 +84,8 @@ def _cfg_zero_star_op(v_cond: torch.Tensor, v_uncond: torch.Tensor, eps: float, 
     if not use_triton(v_cond.device, backend):
         return reference.cfg_zero_star_scale(v_cond, v_uncond, eps)
     B = v_cond.shape[0]
-    vc, vu = v_cond.reshape(B, -1).contiguous(), v_uncond.reshape(B, -1).contiguous()
-    L = vc.shape[1]
+    L = math.prod(v_cond.shape[1:])
+    vc, vu = v_cond.reshape(B, L).contiguous(), v_uncond.reshape(B, L).contiguous()
     block, warps = LAUNCH_CONFIG
     num_blocks = max(1, triton.cdiv(L, block))
     part_dot = torch.zeros(B, num_blocks, dtype=torch.float32, device=vc.device)
@@ -79,7 +94,7 @@ def _cfg_zero_star_op(v_cond: torch.Tensor, v_uncond: torch.Tensor, eps: float, 
         with device_guard(vc.device):
             _dot_and_norm_kernel[(num_blocks, B)](vc, vu, part_dot, part_norm, L, num_blocks, BLOCK=block,
                                                   num_warps=warps)
-    return part_dot.sum(dim=1) / (part_norm.sum(dim=1) + eps)
+    return _finalise_scale(part_dot.sum(dim=1), part_norm.sum(dim=1), eps)
 
 
 @_cfg_zero_star_op.register_fake

@@ -6,11 +6,21 @@
 One elementwise pass: each input is read once, each output written once; omega, s and
 sigma are per-sample scalars read from device tensors (or passed as Python floats), so
 a scheduler's device-side omega never goes through the host.
+
+Contract (both backends):
+- shapes: (B, ...) with B >= 0 (B = 0 or empty samples give empty outputs); a 1-D input
+  is B one-element samples; any strides (also of the (B,) omega, s_star and sigma).
+- omega, sigma: >= 0 and finite as Python numbers (ValueError otherwise); as tensors
+  checked >= 0 and not NaN on the host with ``check_inputs`` where host checks are
+  allowed, else used as they are.
+- non-finite values propagate per element as IEEE arithmetic gives them: a NaN or inf
+  in v_cond, v_uncond or latents makes that element of the outputs NaN or inf (0 * inf
+  is NaN: omega = 1 with an infinite v_uncond gives NaN); a NaN or inf in a per-sample
+  control (s_star, a tensor omega or sigma) does so for the whole sample.  Nothing is
+  masked or replaced.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional
 
 import torch
@@ -19,8 +29,16 @@ import triton.language as tl
 
 from .. import reference
 from .._triton_helpers import cast_for_store
-from .._utils import device_guard, host_checks_allowed, triton_interpreting, use_triton
-from .._validate import check_same_device, check_tensor
+from .._utils import device_guard, triton_interpreting, use_triton
+from .._validate import (
+    check_backend,
+    check_bool,
+    check_per_sample,
+    check_same_device,
+    check_same_shape,
+    check_shape,
+    check_tensor,
+)
 from .cfg_zero_star_scale import check_prediction_pair
 
 __all__ = ["kvlock_guidance"]
@@ -68,30 +86,6 @@ def _guidance_kernel(
         tl.store(X0 + base + offs, cast_for_store(lat - sigma * guided, X0, INTERPRET), mask=ok)
 
 
-def _scalar_or_tensor(name, value, batch, device, *, check_values):
-    """Normalise a per-sample control: a Python number, or a tensor of shape () or (B,)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a float or a tensor, got bool")
-    if isinstance(value, numbers.Real):
-        value = float(value)
-        if math.isnan(value) or value < 0:
-            raise ValueError(f"{name} must be a non-negative number (not NaN), got {value}")
-        return None, value
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a float or a tensor of shape () or (B,), got {type(value).__name__}")
-    if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
-        raise ValueError(f"{name} must have shape () or (B,) = ({batch},), got {tuple(value.shape)}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-    if value.device != device:
-        raise ValueError(f"{name} is on {value.device} but v_cond is on {device}")
-    if check_values and host_checks_allowed():
-        bad = ~(value >= 0)  # NaN fails the comparison too
-        if bool(bad.any()):
-            raise ValueError(f"{name} must be non-negative and not NaN, got {value.tolist()}")
-    return value.reshape(-1), 0.0
-
-
 def kvlock_guidance(v_cond: torch.Tensor, v_uncond: torch.Tensor, omega, *,
                     s_star: Optional[torch.Tensor] = None, latents: Optional[torch.Tensor] = None,
                     sigma=None, backend: str = "auto", check_inputs: bool = True):
@@ -99,41 +93,50 @@ def kvlock_guidance(v_cond: torch.Tensor, v_uncond: torch.Tensor, omega, *,
 
     Arguments:
         v_cond, v_uncond: (B, ...) conditional / unconditional velocity predictions,
-            same shape and dtype (fp16/bf16/fp32).
-        omega: guidance scale, >= 0: a float, or a tensor of shape () or (B,) (stays on
-            the device: no host sync).
-        s_star: (B,) CFG-Zero* scale (``cfg_zero_star_scale``); None means 1 (classic CFG).
-        latents: (B, ...) the current noisy latents z_t, same shape as v_cond.
-        sigma: the noise level of z_t: a float, or a tensor of shape () or (B,).  Given
-            together with latents.
-        check_inputs: check omega is non-negative and not NaN when it is a tensor (one
-            host read; skipped under torch.compile and CUDA-graph capture).
+            same shape and dtype (fp16/bf16/fp32), any strides.
+        omega: guidance scale, >= 0: a Python number, or a floating tensor of shape ()
+            or (B,) on v_cond's device, any stride (stays on the device: no host sync).
+        s_star: (B,) CFG-Zero* scale (``cfg_zero_star_scale``), any float dtype and
+            stride; None means 1 (classic CFG).
+        latents: (B, ...) the current noisy latents z_t, same shape as v_cond
+            (fp16/bf16/fp32, may differ from v's dtype).
+        sigma: the noise level of z_t, >= 0: a Python number, or a tensor of shape () or
+            (B,).  Given together with latents.
+        check_inputs: check a tensor omega / sigma is non-negative and not NaN (one host
+            read each; skipped under torch.compile and CUDA-graph capture).
     Returns:
-        guided (v's dtype), or (guided, x0_hat) with x0_hat in latents' dtype.
+        guided (v's dtype, contiguous), or (guided, x0_hat) with x0_hat in latents' dtype.
+    Non-finite inputs propagate as IEEE arithmetic gives them (module docstring).
     """
     check_prediction_pair(v_cond, v_uncond)
+    check_bool("check_inputs", check_inputs)
     B = v_cond.shape[0]
     dev = v_cond.device
-    omega_t, omega_v = _scalar_or_tensor("omega", omega, B, dev, check_values=check_inputs)
+    omega_t, omega_v = check_per_sample("omega", omega, B, dev, low=0.0, check_values=check_inputs)
     if s_star is not None:
-        check_tensor("s_star", s_star, dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16))
-        if tuple(s_star.shape) != (B,):
-            raise ValueError(f"s_star must have shape (B,) = ({B},), got {tuple(s_star.shape)}")
-        check_same_device(s_star=s_star, v_cond=v_cond)
+        check_tensor("s_star", s_star, dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16),
+                     layout="(B,)")
+        check_shape("s_star", s_star, (B,), "(B,)")
+        check_same_device(v_cond=v_cond, s_star=s_star)
     if (latents is None) != (sigma is None):
-        raise ValueError("latents and sigma must be given together")
+        missing, given = ("sigma", "latents") if sigma is None else ("latents", "sigma")
+        raise ValueError(f"latents and sigma must be given together: {given} was given without {missing}")
+    sigma_t, sigma_v = None, 0.0
     if latents is not None:
-        check_tensor("latents", latents)
-        if latents.shape != v_cond.shape:
-            raise ValueError(f"latents must have v_cond's shape {tuple(v_cond.shape)}, got {tuple(latents.shape)}")
-        check_same_device(latents=latents, v_cond=v_cond)
-        sigma_t, sigma_v = _scalar_or_tensor("sigma", sigma, B, dev, check_values=check_inputs)
-
-    if latents is None:
-        sigma_t, sigma_v = None, 0.0
+        check_tensor("latents", latents, layout="(B, ...)")
+        check_same_shape("latents", latents, "v_cond", v_cond)
+        check_same_device(v_cond=v_cond, latents=latents)
+        sigma_t, sigma_v = check_per_sample("sigma", sigma, B, dev, low=0.0, check_values=check_inputs)
+    check_backend(backend)
     use_triton(dev, backend)  # an impossible backend raises here, before the op
     guided, x0 = _guidance_op(v_cond, v_uncond, omega_t, omega_v, s_star, latents, sigma_t, sigma_v, backend)
     return guided if latents is None else (guided, x0)
+
+
+def _per_sample_stride(t: Optional[torch.Tensor]) -> int:
+    """Element stride between samples of a () or (B,) control: 0 for a shared value,
+    the tensor's own stride otherwise (a (B,) view such as omega[::2] is not dense)."""
+    return t.stride(0) if t is not None and t.dim() == 1 else 0
 
 
 @torch.library.custom_op("kvlock_kernels::kvlock_guidance", mutates_args=())
@@ -158,11 +161,9 @@ def _guidance_op(v_cond: torch.Tensor, v_uncond: torch.Tensor, omega_t: Optional
         with device_guard(vc.device):
             _guidance_kernel[(triton.cdiv(L, block), B)](
                 vc, vu, lat, guided, x0 if with_x0 else guided,
-                omega_t if omega_t is not None else vc, omega_v,
-                1 if omega_t is not None and omega_t.numel() > 1 else 0,
-                s_star if s_star is not None else vc, s_star.stride(0) if s_star is not None else 0,
-                sigma_t if sigma_t is not None else vc, sigma_v,
-                1 if sigma_t is not None and sigma_t.numel() > 1 else 0,
+                omega_t if omega_t is not None else vc, omega_v, _per_sample_stride(omega_t),
+                s_star if s_star is not None else vc, _per_sample_stride(s_star),
+                sigma_t if sigma_t is not None else vc, sigma_v, _per_sample_stride(sigma_t),
                 L,
                 OMEGA_IS_TENSOR=omega_t is not None, HAS_S=s_star is not None, SIGMA_IS_TENSOR=sigma_t is not None,
                 WITH_X0=with_x0, BLOCK=block, INTERPRET=triton_interpreting(), num_warps=warps,

@@ -3,6 +3,7 @@ tensors run (``backend="torch"``).  One module per op family; every name is re-e
 here, so ``kvlock_kernels.reference.<op>`` is the reference of op ``<op>``."""
 from .attention import kv_lock_attention, kv_lock_attention_torch
 from .control import branch_variance, cfg_zero_star_scale, kvlock_guidance, masked_mean
+from .epilogue import qkv_epilogue
 from .lock_kv import blend, lock_kv
 from .merge_attention_states import merge_attention_states
 
@@ -16,4 +17,5 @@ __all__ = [
     "lock_kv",
     "masked_mean",
     "merge_attention_states",
+    "qkv_epilogue",
 ]

@@ -5,6 +5,11 @@ Everything here is deliberately plain PyTorch.  The oracle (``kv_lock_attention`
 materialises the full score matrix and is meant for tests at small shapes; the
 fallback (``kv_lock_attention_torch``) blends K/V, then calls
 ``F.scaled_dot_product_attention`` and never builds an Sq x Skv fp32 matrix.
+
+Both blend with the library's one rule (``reference.lock_kv``; float64 inputs blend in
+float64 with the same selections) and are differentiable: the blend's backward is that of
+the linear map ``k + w (k_src - k)`` (dk = (1 - w) g, dk_src = w g, dw = sum (k_src - k) g),
+also at w == 0 and w == 1 where the forward selects one operand.
 """
 from __future__ import annotations
 
@@ -14,9 +19,59 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .lock_kv import blend, lock_as_bshd
+from .lock_kv import blend
 
-__all__ = ["kv_lock_attention", "kv_lock_attention_torch"]
+__all__ = ["kv_lock_attention", "kv_lock_attention_torch", "blend_differentiable"]
+
+
+def _blend_values(x, x_src, w, out_dtype):
+    if torch.float64 in (x.dtype, x_src.dtype, w.dtype):
+        xd, sd, wd = x.double(), x_src.double(), w.double()
+        out = torch.where(wd == 0, xd, torch.where(wd == 1, sd, xd + wd * (sd - xd)))
+        return out.to(out_dtype or x.dtype)
+    return blend(x, x_src, w, out_dtype)
+
+
+class _Blend(torch.autograd.Function):
+    """Forward: the blending rule.  Backward: the linear map's derivatives."""
+
+    @staticmethod
+    def forward(x, x_src, w, out_dtype):
+        return _blend_values(x, x_src, w, out_dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, x_src, w, _ = inputs
+        ctx.save_for_backward(x, x_src, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, x_src, w = ctx.saved_tensors
+        work = torch.float64 if torch.float64 in (x.dtype, x_src.dtype, w.dtype, grad.dtype) else torch.float32
+        g, wf = grad.to(work), w.to(work)
+        gx = gs = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = (g * (1 - wf)).sum_to_size(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            gs = (g * wf).sum_to_size(x_src.shape).to(x_src.dtype)
+        if ctx.needs_input_grad[2]:
+            gw = (g * (x_src.to(work) - x.to(work))).sum_to_size(w.shape).to(w.dtype)
+        return gx, gs, gw, None
+
+
+def blend_differentiable(x: torch.Tensor, x_src: torch.Tensor, w: torch.Tensor,
+                         out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``reference.lock_kv.blend`` with the gradients of the linear blend (see module doc).
+    x: (B, S, H, D); x_src: (B|1, S, H, D); w: broadcastable, e.g. (B|1, S, 1, 1)."""
+    return _Blend.apply(x, x_src, w, out_dtype)
+
+
+def _lock_weights(lock: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(S,), (1, S) or (B, S) -> (B|1, S, 1, 1), fp32 (float64 for float64 ``like``)."""
+    if lock.dim() == 1:
+        lock = lock[None]
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return lock.to(dtype)[:, :, None, None]
 
 
 def _to_bshd(t: Optional[torch.Tensor], layout: str) -> Optional[torch.Tensor]:
@@ -39,23 +94,24 @@ def kv_lock_attention(q, k, v, k_src=None, v_src=None, lock=None, *, softmax_sca
     """
     q, k, v, k_src, v_src = (_to_bshd(t, layout) for t in (q, k, v, k_src, v_src))
     dtype = q.dtype
-    work = torch.float32 if upcast else dtype
+    work = (torch.float64 if dtype == torch.float64 else torch.float32) if upcast else dtype
     if lock is not None and k_src is not None:
-        w = lock_as_bshd(lock)
+        w = _lock_weights(lock, k)
         # upcast: the blend stays fp32 (ground truth); otherwise rounded to the dtype.
-        blend_dtype = torch.float32 if upcast else None
-        k, v = blend(k, k_src, w, blend_dtype), blend(v, v_src, w, blend_dtype)
+        blend_dtype = (torch.float64 if k.dtype == torch.float64 else torch.float32) if upcast else None
+        k, v = blend_differentiable(k, k_src, w, blend_dtype), blend_differentiable(v, v_src, w, blend_dtype)
     group = q.shape[2] // k.shape[2]
     k = k.repeat_interleave(group, dim=2)
     v = v.repeat_interleave(group, dim=2)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     scores = torch.einsum("bqhd,bkhd->bhqk", q.to(work), k.to(work)) * scale
-    probs = torch.softmax(scores.float(), dim=-1).to(work)
+    soft = torch.float64 if work == torch.float64 else torch.float32
+    probs = torch.softmax(scores.to(soft), dim=-1).to(work)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v.to(work)).to(dtype)
     if layout == "bhsd":
         out = out.transpose(1, 2)
     if return_lse:
-        return out, torch.logsumexp(scores.float(), dim=-1)
+        return out, torch.logsumexp(scores.to(soft), dim=-1)
     return out
 
 
@@ -63,14 +119,17 @@ def kv_lock_attention_torch(q, k, v, k_src=None, v_src=None, lock=None, *, softm
                             return_lse: bool = False, query_chunk: int = 1024):
     """Memory-efficient PyTorch path, bshd tensors in, bshd out (+ lse (B, Hq, Sq) fp32).
 
-    The blend follows ``reference.lock_kv``'s rule (fp32, rounded once); attention is
-    ``F.scaled_dot_product_attention`` with GQA.  SDPA does
+    q: (B, Sq, Hq, D); k, v: (B, Skv, Hkv, D); k_src, v_src: (B|1, Skv, Hkv, D); lock:
+    (B, Skv), (1, Skv) or (Skv,).  The blend follows ``reference.lock_kv``'s rule (fp32,
+    rounded once); attention is ``F.scaled_dot_product_attention`` with GQA.  SDPA does
     not return the log-sum-exp, so with ``return_lse`` the attention is computed in
-    query chunks of ``query_chunk`` rows: peak extra memory is chunk x Skv per head.
+    query chunks of ``query_chunk`` rows (fp32, float64 for float64 inputs): peak extra
+    memory is chunk x Skv per head.  Differentiable (the recompute backward of the
+    ``kvlock_kernels::kv_lock_attention`` op runs this function).
     """
     if lock is not None and k_src is not None:
-        w = lock_as_bshd(lock)
-        k, v = blend(k, k_src, w), blend(v, v_src, w)
+        w = _lock_weights(lock, k)
+        k, v = blend_differentiable(k, k_src, w), blend_differentiable(v, v_src, w)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if not return_lse:
@@ -78,15 +137,17 @@ def kv_lock_attention_torch(q, k, v, k_src=None, v_src=None, lock=None, *, softm
                                              enable_gqa=kh.shape[1] != qh.shape[1])
         return out.transpose(1, 2)
     group = qh.shape[1] // kh.shape[1]
-    kf = kh.repeat_interleave(group, dim=1).float()
-    vf = vh.repeat_interleave(group, dim=1).float()
-    B, H, Sq, D = qh.shape
-    out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
-    for s in range(0, Sq, query_chunk):
-        scores = torch.matmul(qh[:, :, s:s + query_chunk].float(), kf.transpose(-1, -2)) * scale
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kf = kh.repeat_interleave(group, dim=1).to(work)
+    vf = vh.repeat_interleave(group, dim=1).to(work)
+    outs, lses = [], []
+    for s in range(0, qh.shape[2], query_chunk):
+        scores = torch.matmul(qh[:, :, s:s + query_chunk].to(work), kf.transpose(-1, -2)) * scale
         chunk_lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - chunk_lse[..., None])
-        out[:, s:s + query_chunk] = torch.matmul(probs, vf).transpose(1, 2).to(q.dtype)
-        lse[:, :, s:s + query_chunk] = chunk_lse
-    return out, lse
+        outs.append(torch.matmul(probs, vf).transpose(1, 2).to(q.dtype))
+        lses.append(chunk_lse.float() if work == torch.float32 else chunk_lse)
+    if not outs:  # Sq == 0
+        B, H, _, D = qh.shape
+        return q.new_empty(B, 0, H, D), q.new_empty(B, H, 0, dtype=work)
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=2)

@@ -23,17 +23,28 @@ import torch
 __all__ = ["blend", "lock_kv", "lock_as_bshd"]
 
 
-def lock_as_bshd(lock: torch.Tensor) -> torch.Tensor:
-    """(S,), (1, S) or (B, S) -> fp32 (B|1, S, 1, 1), broadcastable over (B, S, H, D)."""
+def lock_as_bshd(lock: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(S,), (1, S) or (B, S) -> (B|1, S, 1, 1) in ``dtype`` (fp32 by default),
+    broadcastable over (B, S, H, D)."""
     if lock.dim() == 1:
         lock = lock[None]
-    return lock.to(torch.float32)[:, :, None, None]
+    return lock.to(dtype)[:, :, None, None]
+
+
+def _work_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """fp32 for fp16/bf16/fp32 operands; fp64 when one of them is fp64 (so that the
+    PyTorch paths can be gradchecked in float64)."""
+    out = torch.float32
+    for d in dtypes:
+        out = torch.promote_types(out, d)
+    return out
 
 
 def blend(x: torch.Tensor, x_src: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype] = None):
     """``x + w (x_src - x)`` under the rule above; w broadcasts against x (fp32 math).
     Returns ``out_dtype`` (default: x's dtype)."""
-    xf, sf = x.float(), x_src.float()
+    work = _work_dtype(x.dtype, x_src.dtype)
+    xf, sf = x.to(work), x_src.to(work)
     mixed = xf + w * (sf - xf)
     out = torch.where(w == 0, xf, torch.where(w == 1, sf, mixed))
     return out.to(out_dtype or x.dtype)
@@ -45,11 +56,13 @@ def lock_kv(k: torch.Tensor, v: torch.Tensor, lock: torch.Tensor, *, k_src: Opti
 
     k, v: (B, S, H, D).  The source is either ``k_src, v_src`` of shape (B|1, S, H, D)
     or ``source_index``: batch entry i of k, v itself (an in-batch source branch; that
-    entry is returned unchanged).  lock: (S,), (1, S) or (B, S) weights in [0, 1].
+    entry is returned unchanged).  lock: (S,), (1, S) or (B, S) weights in [0, 1]
+    (bool allowed).  The blend runs in fp32 (fp64 for fp64 inputs) and is rounded once.
     """
     if source_index is not None:
         k_src, v_src = k[source_index:source_index + 1], v[source_index:source_index + 1]
-    w = lock_as_bshd(lock).to(k.device)
+    lock_dtype = torch.float64 if lock.dtype == torch.float64 else torch.float32
+    w = lock_as_bshd(lock, lock_dtype).to(k.device)
     if source_index is not None:
         w = w.expand(k.shape[0], -1, -1, -1).clone()
         w[source_index] = 0.0  # the source entry is not locked toward itself

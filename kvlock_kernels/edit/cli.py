@@ -1,0 +1,443 @@
+"""kvlock-edit: edit a video with KV-Lock, from a video and a mask to an mp4.
+
+    kvlock-edit --model DIR_OR_HUB_ID --video SRC --mask MASK --prompt TEXT --out OUT.mp4
+
+Writes OUT.mp4 (the edited video, at the source's frame rate), OUT_compare.mp4 (source |
+mask | edited, labelled), OUT_schedule.png (sigma2 / alpha / omega per step) and
+OUT_report.json (arguments, per-step trace, wall time per phase, peak memory, background
+PSNR / SSIM and the foreground change).  A local folder is loaded with
+local_files_only; only a hub id (owner/name) that is not a local folder is downloaded,
+by diffusers itself.  Exit status: 0 done, 2 bad input (a message, no traceback),
+1 a failure while running (e.g. out of memory).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import sys
+import time
+import warnings
+from typing import List, Optional
+
+from .errors import USAGE_EXIT_CODE, EditInputError, KVLockEditWarning, UnsupportedModelError
+
+__all__ = ["main", "build_parser", "output_paths", "load_pipeline"]
+
+PROG = "kvlock-edit"
+DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16",
+          "float32": "float32", "fp32": "float32", "float": "float32"}
+OUT_EXTENSIONS = (".mp4", ".mkv", ".mov", ".webm", ".gif")
+# Transformer classes whose checkpoints the edit loop runs (the adapters of kvlock_kernels.diffusers
+# decide the rest after loading).
+KNOWN_TRANSFORMERS = ("WanTransformer3DModel",)
+KNOWN_VAES = ("AutoencoderKLWan",)
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _nonneg_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (v >= 0.0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return v
+
+
+def _positive_float(text):
+    v = _nonneg_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return v
+
+
+def _dtype(text):
+    key = text.lower().replace("torch.", "")
+    if key not in DTYPES:
+        raise argparse.ArgumentTypeError(f"expected one of bfloat16, float16, float32, got {text!r}")
+    return DTYPES[key]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Edit a video with KV-Lock: regenerate the masked region from a prompt, keep the "
+        "background locked to the source.", epilog="Outputs: OUT, OUT_compare.mp4, OUT_schedule.png, "
+        "OUT_report.json (paths can be changed with --compare, --plot, --report). Exit status 2: bad input.")
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument("--model", required=True, help="a diffusers pipeline folder (save_pretrained layout; loaded "
+                    "with local_files_only) or a hub id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers (downloaded by "
+                    "diffusers)")
+    io.add_argument("--video", required=True, help="source video: mp4/webm/mkv/mov/gif, or a folder of frames")
+    m = io.add_mutually_exclusive_group(required=True)
+    m.add_argument("--mask", help="edit mask (white = edit): a video, one image for all frames, a folder of "
+                   "frames, or .npy; thresholded at half the value range")
+    m.add_argument("--box", help="edit a box instead: x0,y0,x1,y1 in source pixels (x1, y1 exclusive), or "
+                   "fractions in [0, 1] written with a decimal point")
+    io.add_argument("--prompt", required=True, help="what the masked region becomes")
+    io.add_argument("--out", required=True, help="the edited video (.mp4; also .mkv, .mov, .webm, .gif)")
+    io.add_argument("--report", help="report JSON (default: OUT_report.json)")
+    io.add_argument("--compare", help="side-by-side comparison video (default: OUT_compare.mp4; a .png path "
+                    "writes the middle frame)")
+    io.add_argument("--plot", help="schedule plot PNG (default: OUT_schedule.png)")
+    io.add_argument("--fps", type=_positive_float, help="frame rate of a folder of frames (default 16) or to "
+                    "override the file's")
+    e = p.add_argument_group("edit")
+    e.add_argument("--negative-prompt", default="", help="unconditional prompt (default: empty, as the pipeline)")
+    e.add_argument("--source-prompt", help="describes the source video; conditions the source branch / "
+                   "inversion (default: the negative prompt)")
+    e.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default 50); the schedule's "
+                   "kappa and window scale with it: kappa = round(0.4 * steps), window = max(2, round(0.2 * steps))")
+    e.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    e.add_argument("--guidance", type=_nonneg_float, default=5.0, help="omega0, the base guidance scale "
+                   "(default 5.0, Wan's)")
+    e.add_argument("--source", choices=("branch", "inversion"), default="branch",
+                   help="where source K/V come from: an in-batch source branch (default, O(1) memory) or an "
+                   "inversion cache")
+    e.add_argument("--kappa", type=_nonneg_int, help="the schedule is active in the last kappa steps "
+                   "(default: round(0.4 * steps))")
+    e.add_argument("--window", type=_positive_int, help="steps of x0-hat variance (default: max(2, "
+                   "round(0.2 * steps)))")
+    e.add_argument("--tau", type=_positive_float, help="variance scale of the schedule (default 0.01)")
+    e.add_argument("--flow-shift", type=_positive_float, help="override the scheduler's flow shift (Wan: 3.0 "
+                   "for 480p, 5.0 for 720p)")
+    e.add_argument("--max-sequence-length", type=_positive_int, default=512, help="text tokens (default 512)")
+    g = p.add_argument_group("geometry and mask")
+    g.add_argument("--height", type=_positive_int, help="output height (rounded down to the model's multiple; "
+                   "default: the source's)")
+    g.add_argument("--width", type=_positive_int, help="output width (likewise)")
+    g.add_argument("--frames", type=_positive_int, help="use the first N frames (then trimmed to 4k+1; "
+                   "default: all)")
+    g.add_argument("--dilate", type=_nonneg_int, default=0, help="grow the mask by N pixels (default 0)")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    r.add_argument("--dtype", type=_dtype, help="transformer and text encoder dtype (default: bfloat16 on CUDA, "
+                   "float32 on CPU)")
+    r.add_argument("--vae-dtype", type=_dtype, default="float32", help="VAE dtype (default float32)")
+    r.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto", help="kernel backend")
+    r.add_argument("--cpu-offload", action="store_true", help="diffusers' model CPU offload (less GPU memory)")
+    r.add_argument("--vae-tiling", action="store_true", help="tiled VAE encode / decode (less memory)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def output_paths(args) -> dict:
+    out = os.fspath(args.out)
+    stem = os.path.splitext(out)[0]
+    return {"video": out, "comparison": args.compare or f"{stem}_compare.mp4",
+            "plot": args.plot or f"{stem}_schedule.png", "report": args.report or f"{stem}_report.json"}
+
+
+def _check_args(args) -> None:
+    """Checks that need no model: files exist, outputs can be written, options agree."""
+    if not os.path.exists(args.video):
+        raise EditInputError(f"--video: no such file or folder: {args.video!r}")
+    if args.mask is not None and not os.path.exists(args.mask):
+        raise EditInputError(f"--mask: no such file or folder: {args.mask!r}")
+    if not args.prompt.strip():
+        raise EditInputError("--prompt must not be empty")
+    if not args.out.lower().endswith(OUT_EXTENSIONS):
+        raise EditInputError(f"--out must be a video file ({', '.join(OUT_EXTENSIONS)}), got {args.out!r}")
+    for name, path in output_paths(args).items():
+        d = os.path.dirname(os.path.abspath(path))
+        if os.path.exists(d) and not os.path.isdir(d):
+            raise EditInputError(f"cannot write the {name} to {path!r}: {d!r} is not a folder")
+        if os.path.isdir(path):
+            raise EditInputError(f"cannot write the {name} to {path!r}: it is a folder")
+    if args.box is not None:
+        from .masks_io import parse_box
+
+        parse_box(args.box)
+
+
+def _resolve_device(name: Optional[str]):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise EditInputError(f"--device: not a torch device: {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EditInputError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise EditInputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise EditInputError(f"could not read {path!r}: {e}") from None
+
+
+def _precheck_folder(model: str) -> dict:
+    """Look at a local pipeline folder before loading any weights."""
+    index = os.path.join(model, "model_index.json")
+    if not os.path.isfile(index):
+        raise UnsupportedModelError(f"--model {model!r} is not a diffusers pipeline folder (no model_index.json): "
+                                    "give a folder written by save_pretrained, or a hub id")
+    info = _read_json(index)
+    cls = info.get("_class_name", "?")
+
+    def component(name):
+        entry = info.get(name)
+        return entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+
+    transformer, vae = component("transformer") or component("transformer_2"), component("vae")
+    if transformer not in KNOWN_TRANSFORMERS or vae not in KNOWN_VAES:
+        raise UnsupportedModelError(
+            f"--model {model!r} is a {cls} (transformer {transformer}, VAE {vae}), not a supported pipeline: "
+            f"kvlock-edit runs Wan text-to-video checkpoints ({', '.join(KNOWN_TRANSFORMERS)} with "
+            f"{', '.join(KNOWN_VAES)}: Wan2.1 T2V 1.3B / 14B, Wan2.2 T2V A14B)")
+    return info
+
+
+def constraints_from_folder(model: str):
+    """The model's geometry from its config files (before loading weights), or None."""
+    from .geometry import ModelConstraints
+
+    try:
+        vae = _read_json(os.path.join(model, "vae", "config.json"))
+        sub = "transformer" if os.path.isdir(os.path.join(model, "transformer")) else "transformer_2"
+        tr = _read_json(os.path.join(model, sub, "config.json"))
+    except EditInputError:
+        return None
+    t, s = int(vae.get("scale_factor_temporal") or 4), int(vae.get("scale_factor_spatial") or 8)
+    patch = tuple(int(x) for x in tr.get("patch_size", (1, 2, 2)))
+    return ModelConstraints(temporal=t, multiple_h=s * patch[1], multiple_w=s * patch[2], vae_stride=(t, s, s),
+                            patch=patch)
+
+
+def load_pipeline(model: str, *, dtype: str, vae_dtype: str, device, cpu_offload: bool = False, quiet: bool = False):
+    """DiffusionPipeline.from_pretrained: a local folder with local_files_only, a hub id through
+    diffusers' own download.  Returns the pipeline on ``device``."""
+    import torch
+
+    local = os.path.isdir(model)
+    if local:
+        _precheck_folder(model)
+    elif os.path.exists(model):
+        raise EditInputError(f"--model {model!r} is a file: give a diffusers pipeline folder or a hub id")
+    elif not HUB_ID.match(model):
+        raise EditInputError(f"--model {model!r}: no such folder (and not a hub id of the form owner/name)")
+    try:
+        from diffusers import DiffusionPipeline
+        from diffusers.utils import logging as dlogging
+    except ImportError as e:
+        raise ImportError(f"kvlock-edit needs the diffusers extra: pip install 'kvlock-kernels[diffusers]' ({e})") \
+            from None
+    if quiet:
+        dlogging.disable_progress_bar()
+    torch_dtype = {"default": getattr(torch, dtype), "vae": getattr(torch, vae_dtype)}
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, local_files_only=local)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsupportedModelError(f"could not load a pipeline from --model {model!r}: {first}") from None
+    if cpu_offload:
+        if device.type != "cuda":
+            raise EditInputError("--cpu-offload needs a CUDA --device")
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    return pipe
+
+
+def _peak_memory(device) -> dict:
+    import torch
+
+    out = {"host_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        out["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    return out
+
+
+class _Warnings:
+    """Print kvlock-edit's warnings as one line each (no source line) and keep them for the report."""
+
+    def __init__(self):
+        self.messages: List[str] = []
+
+    def __enter__(self):
+        self._orig = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, KVLockEditWarning):
+                print(f"{PROG}: warning: {message}", file=sys.stderr)
+            else:
+                self._orig(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        return self
+
+    def __exit__(self, *exc):
+        warnings.showwarning = self._orig
+        return False
+
+
+def run(args) -> int:
+    t_start = time.perf_counter()
+    timings = {}
+    _check_args(args)
+    import torch
+
+    from .geometry import ModelConstraints
+    from .outputs import plot_schedule, write_comparison, write_report
+    from .pipeline import KVLockVideoEditor, prepare_inputs
+    from .video_io import Video, write_video
+
+    device = _resolve_device(args.device)
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    paths = output_paths(args)
+    progress = not args.quiet
+    notes: List[str] = []
+
+    # Read and check the inputs before loading any weights (a bad mask fails in seconds).
+    t0 = time.perf_counter()
+    local = os.path.isdir(args.model)
+    if local:
+        _precheck_folder(args.model)
+    pre = (constraints_from_folder(args.model) if local else None) or ModelConstraints()
+    fit = dict(box=args.box, frames=args.frames, height=args.height, width=args.width, dilate=args.dilate,
+               fps=args.fps)
+    source, pixel_mask, plan, fps, notes = prepare_inputs(args.video, args.mask, pre, **fit)
+    timings["read"] = time.perf_counter() - t0
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args.model, dtype=dtype, vae_dtype=args.vae_dtype, device=device,
+                         cpu_offload=args.cpu_offload, quiet=args.quiet)
+    if args.flow_shift is not None:
+        cfg = pipe.scheduler.config
+        key = "flow_shift" if "flow_shift" in cfg else "shift"
+        pipe.scheduler = type(pipe.scheduler).from_config(cfg, **{key: args.flow_shift})
+    editor = KVLockVideoEditor.from_pipe(pipe, source=args.source, backend=args.backend, progress=progress,
+                                         vae_tiling=args.vae_tiling)
+    timings["load"] = time.perf_counter() - t0
+    if editor.constraints != pre:  # a hub checkpoint: fit again with its real constraints
+        t0 = time.perf_counter()
+        notes = []
+        source, pixel_mask, plan, fps, notes = prepare_inputs(args.video, args.mask, editor.constraints, **fit)
+        timings["read"] += time.perf_counter() - t0
+    for n in notes:
+        print(f"{PROG}: {n}", file=sys.stderr)
+
+    result = editor.edit(Video(source, fps, args.video), pixel_mask, args.prompt, negative_prompt=args.negative_prompt,
+                         source_prompt=args.source_prompt, num_steps=args.steps, guidance=args.guidance,
+                         seed=args.seed, kappa=args.kappa, window=args.window, tau=args.tau,
+                         max_sequence_length=args.max_sequence_length, output_type="uint8")
+    timings.update({k: v for k, v in result.timings.items() if k != "prepare"})
+    timings["read"] += result.timings.get("prepare", 0.0)
+
+    t0 = time.perf_counter()
+    write_video(paths["video"], result.edited, fps)
+    label = args.prompt if len(args.prompt) <= 40 else args.prompt[:39] + "…"
+    write_comparison(paths["comparison"], result.source, result.mask.numpy(), result.edited, fps,
+                     labels=("source", "mask (edit region)", f"edited: {label}"))
+    plot_schedule(paths["plot"], result.trace, result.schedule, title=f"KV-Lock schedule: {label}")
+    timings["write"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    report = {
+        "tool": PROG,
+        "version": _version(),
+        "arguments": vars(args),
+        "outputs": paths,
+        "model": dict(result.model, path=args.model, vae_dtype=args.vae_dtype),
+        "input": {"video": args.video, "mask": args.mask, "box": args.box, "source_frames": plan.source_frames,
+                  "source_height": plan.source_height, "source_width": plan.source_width, "fps": fps},
+        "output": {"frames": int(result.edited.shape[0]), "height": int(result.edited.shape[1]),
+                   "width": int(result.edited.shape[2]), "fps": fps},
+        "geometry": plan.to_dict(),
+        "mask": result.fidelity.get("mask", {}),
+        "schedule": result.schedule,
+        "trace": result.trace,
+        "timings_s": timings,
+        "peak_memory": _peak_memory(device),
+        "fidelity": {k: v for k, v in result.fidelity.items() if k != "mask"},
+        "notes": notes,
+        "warnings": result.warnings,
+    }
+    write_report(paths["report"], report)
+    bg, fg = report["fidelity"].get("background", {}), report["fidelity"].get("foreground", {})
+
+    def fmt(v, unit=""):
+        return "n/a" if v is None else f"{v:.2f}{unit}"
+
+    print(f"{PROG}: wrote {paths['video']} ({result.edited.shape[0]} frames {result.edited.shape[1]}x"
+          f"{result.edited.shape[2]} at {fps:g} fps), {paths['comparison']}, {paths['plot']}, {paths['report']}")
+    print(f"{PROG}: background PSNR {fmt(bg.get('psnr'), ' dB')}, SSIM {fmt(bg.get('ssim'))}; foreground PSNR "
+          f"{fmt(fg.get('psnr'), ' dB')}, mean |change| {fmt(fg.get('mean_abs_diff'))}")
+    print(f"{PROG}: time " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
+    return 0
+
+
+def _version() -> str:
+    try:
+        from .. import __version__
+        return __version__
+    except ImportError:  # pragma: no cover
+        return "unknown"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run kvlock-edit with ``argv`` (default: sys.argv[1:]); returns the exit status
+    (0 done, 2 bad input or usage, 1 a failure while running)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2), message already printed
+        return int(e.code) if isinstance(e.code, int) else USAGE_EXIT_CODE
+    with _Warnings():
+        try:
+            return run(args)
+        except (EditInputError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return USAGE_EXIT_CODE
+        except ImportError as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+        except MemoryError:
+            print(f"{PROG}: error: out of host memory; try fewer --frames or a smaller --height / --width",
+                  file=sys.stderr)
+            return 1
+        except RuntimeError as e:
+            if "out of memory" in str(e).lower():
+                print(f"{PROG}: error: out of device memory; try --cpu-offload, --vae-tiling, fewer --frames or "
+                      "a smaller --height / --width", file=sys.stderr)
+                return 1
+            raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,626 @@
+"""The Python API of kvlock-edit: edit a video with KV-Lock on a loaded diffusers pipeline.
+
+    from diffusers import WanPipeline
+    from kvlock_kernels.edit import KVLockVideoEditor
+
+    pipe = WanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", torch_dtype=torch.bfloat16).to("cuda")
+    pipe.vae.to(torch.float32)
+    editor = KVLockVideoEditor.from_pipe(pipe)
+    frames = editor("input.mp4", "mask.mp4", "a red sports car", num_steps=50, seed=0)   # (F, H, W, 3) in [0, 1]
+    result = editor.edit("input.mp4", "mask.mp4", "a red sports car")   # frames + trace, timings, fidelity
+
+What one edit does (``KVLockVideoEditor.edit``):
+
+1. **prepare**: read the video and the mask (files, arrays or a box), threshold the mask
+   (``masks_io``), fit both to the model with the one geometry rule (``geometry``), dilate.
+2. **encode**: the pipeline's own ``encode_prompt`` (prompt, negative prompt and, when given,
+   the source prompt), then the VAE: pixels to [-1, 1], ``latent_dist.mode()``, normalised
+   with the VAE's ``latents_mean`` / ``latents_std`` exactly as the Wan pipelines do
+   (``(z - mean) / std``).
+3. **edit**: the pixel mask to the latent grid with ``kvlock_kernels.masks.pixel_mask_to_latent``
+   (the VAE's causal frame grouping), then the KV-Lock loop of ``KVLockEditor`` (from
+   ``kvlock_kernels.diffusers``) with a copy of the checkpoint's own scheduler and a
+   ``KVLockScheduler.for_steps(num_steps, omega0=guidance)`` schedule.  Wan2.2 A14B's two
+   experts (``transformer_2``, ``boundary_ratio``) are handed to the editor.
+4. **decode**: ``z * std + mean``, ``vae.decode``, back to 8-bit RGB; then background PSNR /
+   SSIM and the foreground change (``metrics``).
+
+Supported: pipelines with a Wan VAE (``latents_mean`` / ``latents_std``), an ``encode_prompt``
+and a text-to-video transformer the editor runs (Wan2.1 T2V 1.3B / 14B, Wan2.2 T2V A14B;
+``WanPipeline`` and ``WanVideoToVideoPipeline`` checkpoints).  The scheduler must be flow
+matching: ``FlowMatchEulerDiscreteScheduler`` or a multistep solver with
+``prediction_type="flow_prediction"`` and ``use_flow_sigmas=True`` (Wan's UniPC with
+``flow_shift``).  Anything else raises ``UnsupportedModelError`` before any work is done.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import numbers
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .errors import EditInputError, KVLockEditWarning, UnsupportedModelError
+from .geometry import FitPlan, ModelConstraints, latent_shape, plan_fit
+from .masks_io import box_mask, dilate_mask, fit_mask_to_video, mask_from_array, parse_box, read_mask
+from .metrics import fidelity as fidelity_metrics
+from .video_io import DEFAULT_FPS, Video, read_video
+
+__all__ = ["KVLockVideoEditor", "EditResult", "check_flow_matching", "check_pipeline", "prepare_inputs", "as_video",
+           "OUTPUT_TYPES"]
+
+OUTPUT_TYPES = ("np", "uint8", "pt", "pil")
+SOURCES = ("branch", "inversion")
+
+
+# ----------------------------------------------------------------------------------------
+# What can be edited
+# ----------------------------------------------------------------------------------------
+def check_flow_matching(scheduler) -> str:
+    """Refuse (UnsupportedModelError) a scheduler that is not flow matching; return a short
+    description of the one that is."""
+    name = type(scheduler).__name__
+    cfg = getattr(scheduler, "config", {}) or {}
+    get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+    if not (hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "step")):
+        raise UnsupportedModelError(f"the pipeline's scheduler {name} is not a diffusers scheduler")
+    if name.startswith("FlowMatch"):
+        if get("use_dynamic_shifting", False):
+            raise UnsupportedModelError(f"the checkpoint's scheduler {name} uses dynamic shifting (its timesteps "
+                                        "depend on the image size through `mu`), which KV-Lock's loop does not set; "
+                                        "use a scheduler config with use_dynamic_shifting=False")
+        return f"{name}(shift={get('shift', 1.0)})"
+    prediction = get("prediction_type", None)
+    if prediction == "flow_prediction" and get("use_flow_sigmas", False):
+        return f"{name}(prediction_type='flow_prediction', flow_shift={get('flow_shift', 1.0)})"
+    raise UnsupportedModelError(
+        f"the checkpoint's scheduler {name} (prediction_type={prediction!r}, use_flow_sigmas="
+        f"{get('use_flow_sigmas', None)!r}) is not flow matching: KV-Lock's loop noises the source as "
+        "z = (1 - sigma) x0 + sigma * eps and predicts x0 = z - sigma * v, which needs "
+        "FlowMatchEulerDiscreteScheduler or a solver with prediction_type='flow_prediction' and "
+        "use_flow_sigmas=True (Wan's UniPCMultistepScheduler)")
+
+
+def _editor_class():
+    try:
+        from ..diffusers import KVLockEditor
+    except ImportError as e:  # diffusers missing: the [diffusers] extra
+        raise ImportError(f"kvlock-edit needs the diffusers extra: pip install 'kvlock-kernels[diffusers]' ({e})") \
+            from None
+    return KVLockEditor
+
+
+def _editor_params() -> set:
+    return set(inspect.signature(_editor_class().__init__).parameters)
+
+
+def check_pipeline(pipe) -> Dict[str, Any]:
+    """Refuse (UnsupportedModelError) a pipeline the edit loop cannot run; describe one it can."""
+    name = type(pipe).__name__
+    vae = getattr(pipe, "vae", None)
+    transformer = getattr(pipe, "transformer", None)
+    transformer_2 = getattr(pipe, "transformer_2", None)
+    main = transformer if transformer is not None else transformer_2
+    if vae is None or main is None or not callable(getattr(pipe, "encode_prompt", None)):
+        raise UnsupportedModelError(f"{name} is not a supported pipeline: kvlock-edit needs a video VAE, a "
+                                    "transformer and encode_prompt (Wan2.1 / Wan2.2 text-to-video checkpoints)")
+    vcfg = vae.config
+    if getattr(vcfg, "latents_mean", None) is None or getattr(vcfg, "latents_std", None) is None:
+        raise UnsupportedModelError(f"{name}'s VAE {type(vae).__name__} has no latents_mean / latents_std: "
+                                    "kvlock-edit supports Wan-family VAEs (AutoencoderKLWan)")
+    z_dim = int(getattr(vcfg, "z_dim", len(vcfg.latents_mean)))
+    in_ch = getattr(main.config, "in_channels", None)
+    if in_ch is not None and in_ch != z_dim:
+        raise UnsupportedModelError(
+            f"{name}'s transformer takes {in_ch} input channels but the VAE makes {z_dim}-channel latents: an "
+            "image-conditioned checkpoint (image-to-video, VACE, animate) needs conditioning inputs the edit loop "
+            "does not provide; use a text-to-video checkpoint")
+    cfg = getattr(pipe, "config", {}) or {}
+    boundary = cfg.get("boundary_ratio", None) if hasattr(cfg, "get") else None
+    params = _editor_params()
+    if transformer_2 is not None and transformer is not None and "transformer_2" not in params:
+        raise UnsupportedModelError(f"{name} has two experts (transformer, transformer_2; Wan2.2 A14B) but this "
+                                    "build's KVLockEditor takes no transformer_2")
+    if transformer is None:
+        raise UnsupportedModelError(f"{name} has no high-noise transformer (only transformer_2)")
+    expand = bool(cfg.get("expand_timesteps", False)) if hasattr(cfg, "get") else False
+    if expand and "expand_timesteps" not in params:
+        raise UnsupportedModelError(f"{name} uses per-token timesteps (expand_timesteps=True: Wan2.2 TI2V-5B), "
+                                    "which this build's KVLockEditor does not run")
+    check_flow_matching(pipe.scheduler)
+    return {"pipeline": name, "transformer": type(transformer).__name__,
+            "transformer_2": type(transformer_2).__name__ if transformer_2 is not None else None,
+            "boundary_ratio": boundary if transformer_2 is not None else None, "expand_timesteps": expand,
+            "scheduler": type(pipe.scheduler).__name__, "vae": type(vae).__name__, "latent_channels": z_dim}
+
+
+# ----------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------
+@dataclass
+class EditResult:
+    """Everything one edit produced.
+
+    Attributes:
+        frames: the edited video in the requested output type ("np": (F, H, W, 3) float32
+            in [0, 1]; "uint8": (F, H, W, 3) uint8; "pt": (F, 3, H, W) float32 in [0, 1];
+            "pil": list of PIL images).
+        edited, source: (F, H, W, 3) uint8, the edited video and the source after the
+            geometry rule (what was encoded).
+        mask: (F, H, W) bool pixel foreground mask used (after geometry and dilation).
+        latent_mask: (T, h, w) bool latent-resolution mask handed to the editor.
+        latents: (1, C, T, h, w) float32 edited latents (normalised), on the CPU.
+        trace: one dict per step: step, timestep, sigma, sigma2, alpha, omega, s_star
+            (and expert for two-expert checkpoints); sigma2 is NaN where undefined.
+        timings: seconds per phase (prepare, encode, edit, decode, metrics).
+        fidelity: ``metrics.fidelity`` of edited vs source (background / foreground).
+        plan: the geometry rule's decision; fps: the source's frame rate.
+        schedule: the KV-Lock schedule's settings (num_steps, kappa, window, ...).
+        model: what was run (pipeline, transformer(s), scheduler, dtype, device).
+        notes: what was done to the inputs; warnings: what changes the edit's meaning.
+    """
+
+    frames: Any
+    edited: np.ndarray
+    source: np.ndarray
+    mask: torch.Tensor
+    latent_mask: torch.Tensor
+    latents: torch.Tensor
+    trace: List[dict]
+    timings: Dict[str, float]
+    fidelity: Dict[str, Any]
+    plan: FitPlan
+    fps: float
+    schedule: Dict[str, Any]
+    model: Dict[str, Any]
+    notes: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Timer:
+    def __init__(self, device):
+        self.device, self.times = device, {}
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        _sync(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync(self.device)
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _bar(total, desc, enabled):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=True)
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, (tuple, list)) and len(x) == 4 and all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in x)
+
+
+# ----------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------
+def as_video(video, frames: Optional[int] = None, fps: Optional[float] = None) -> Video:
+    """A path, ``Video``, array, tensor or list of PIL images -> Video ((F, H, W, 3) uint8)."""
+    if isinstance(video, Video):
+        return video if frames is None else Video(video.frames[:frames], video.fps, video.path)
+    if isinstance(video, (str, os.PathLike)):
+        return read_video(video, max_frames=frames, fps=fps)
+    if isinstance(video, (list, tuple)) and video and all(hasattr(v, "convert") for v in video):  # PIL
+        video = np.stack([np.asarray(v.convert("RGB")) for v in video])
+    if isinstance(video, torch.Tensor):
+        t = video.detach().cpu()
+        if t.dim() == 4 and t.shape[-1] not in (1, 3) and t.shape[1] in (1, 3):
+            t = t.permute(0, 2, 3, 1)  # (F, C, H, W) -> (F, H, W, C)
+        video = t.float().numpy() if t.is_floating_point() else t.numpy()
+    if not isinstance(video, np.ndarray):
+        raise TypeError("video must be a path, a Video, a (F, H, W, 3) array or tensor, or a list of PIL images; "
+                        f"got {type(video).__name__}")
+    a = video
+    if a.ndim == 3:
+        a = a[..., None]
+    if a.ndim != 4 or a.shape[-1] not in (1, 3) or 0 in a.shape:
+        raise EditInputError(f"video must be (F, H, W, 3) (or (F, 3, H, W) as a tensor), got shape {video.shape}")
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all() or a.min() < 0.0 or a.max() > 1.0:
+            raise EditInputError("a float video must have finite values in [0, 1]")
+        a = (a * 255.0).round().astype(np.uint8)
+    elif a.dtype != np.uint8:
+        raise EditInputError(f"video must be uint8 or float in [0, 1], got {a.dtype}")
+    if frames is not None:
+        a = a[:frames]
+    return Video(np.ascontiguousarray(a), float(fps or DEFAULT_FPS), None)
+
+
+def prepare_inputs(video, mask=None, constraints: Optional[ModelConstraints] = None, *, box=None,
+                   frames: Optional[int] = None, height: Optional[int] = None, width: Optional[int] = None,
+                   dilate: int = 0, fps: Optional[float] = None, notes: Optional[List[str]] = None):
+    """Read the video and the mask, threshold the mask, fit both to ``constraints`` with the one
+    geometry rule, dilate the mask.
+
+    Returns:
+        (source, mask, plan, fps, notes): (F, H, W, 3) uint8 frames, (F, H, W) bool mask,
+        the FitPlan, the frame rate and what was done (list of strings).
+    """
+    notes = [] if notes is None else notes
+    vid = as_video(video, frames, fps)
+    nf, sh, sw = vid.frames.shape[:3]
+    plan = plan_fit(nf, sh, sw, constraints or ModelConstraints(), frames=frames, height=height, width=width)
+    if plan.changed:
+        notes.append(plan.message)
+    if mask is None and box is None:
+        raise EditInputError("give a mask (a file, an array) or a box")
+    if mask is not None and box is not None:
+        raise EditInputError("give either a mask or a box, not both")
+    if box is not None or _is_box(mask):
+        pixel = box_mask(parse_box(box if box is not None else mask), plan.frames, sh, sw)
+    else:
+        if isinstance(mask, (str, os.PathLike)):
+            raw = read_mask(mask, max_frames=nf, notes=notes)
+        else:
+            raw = mask_from_array(mask, sh, sw, notes=notes)
+        pixel = fit_mask_to_video(raw, plan.frames, sh, sw, video_frames=nf, notes=notes)
+    source = plan.apply_video(vid.frames)
+    pixel = dilate_mask(plan.apply_mask(pixel), dilate)
+    return source, pixel, plan, vid.fps, notes
+
+
+# ----------------------------------------------------------------------------------------
+# The editor
+# ----------------------------------------------------------------------------------------
+class KVLockVideoEditor:
+    """Edit videos with KV-Lock on a loaded diffusers pipeline (see the module docstring).
+
+    Arguments:
+        pipe: a loaded pipeline (WanPipeline / WanVideoToVideoPipeline: Wan2.1 T2V 1.3B and 14B,
+            Wan2.2 T2V A14B), already on its device.  Its scheduler is copied per edit.
+        source: "branch" (the source latent noised to each step's level runs in the same
+            batch; O(1) memory) or "inversion" (an inversion pass caches source K/V per step
+            in a ring buffer with host spill).
+        backend: kernel backend ("auto", "triton", "torch").
+        progress: show progress bars for encode, edit and decode.
+        cache_capacity: device slots of the inversion cache (default: the editor's).
+        vae_tiling: decode/encode the VAE in spatial tiles (less memory for large videos).
+    """
+
+    def __init__(self, pipe, *, source: str = "branch", backend: str = "auto", progress: bool = True,
+                 cache_capacity: Optional[int] = None, vae_tiling: bool = False):
+        if source not in SOURCES:
+            raise EditInputError(f"source must be one of {SOURCES}, got {source!r}")
+        if backend not in ("auto", "triton", "torch"):
+            raise EditInputError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        self.model_info = check_pipeline(pipe)
+        self.pipe, self.source, self.backend, self.progress = pipe, source, backend, progress
+        self.cache_capacity = cache_capacity
+        self.constraints = ModelConstraints.from_pipe(pipe)
+        if vae_tiling and hasattr(pipe.vae, "enable_tiling"):
+            pipe.vae.enable_tiling()
+
+    @classmethod
+    def from_pipe(cls, pipe, **kwargs) -> "KVLockVideoEditor":
+        """The editor for a loaded pipeline (keyword arguments as the constructor)."""
+        return cls(pipe, **kwargs)
+
+    # -- properties of the pipeline ------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        dev = getattr(self.pipe, "_execution_device", None)
+        return torch.device(dev) if dev is not None else next(self.pipe.transformer.parameters()).device
+
+    @property
+    def transformer_dtype(self) -> torch.dtype:
+        return self.pipe.transformer.dtype
+
+    def _vae_stats(self, device):
+        cfg = self.pipe.vae.config
+        c = len(cfg.latents_mean)
+        mean = torch.tensor(cfg.latents_mean, dtype=torch.float32, device=device).view(1, c, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std, dtype=torch.float32, device=device).view(1, c, 1, 1, 1)
+        return mean, std
+
+    # -- the pieces ------------------------------------------------------------------------
+    def prepare(self, video, mask=None, **kwargs):
+        """``prepare_inputs`` with this pipeline's constraints."""
+        return prepare_inputs(video, mask, self.constraints, **kwargs)
+
+    @torch.no_grad()
+    def encode_video(self, frames: np.ndarray) -> torch.Tensor:
+        """(F, H, W, 3) uint8 -> (1, C, T, h, w) float32 latents, normalised with latents_mean / std."""
+        vae, device = self.pipe.vae, self.device
+        x = torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(3, 0, 1, 2)[None]
+        x = (x.float() / 127.5 - 1.0).to(vae.dtype)
+        dist = vae.encode(x).latent_dist
+        z = dist.mode() if hasattr(dist, "mode") else dist.mean
+        mean, std = self._vae_stats(z.device)
+        return (z.float() - mean) / std
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """(1, C, T, h, w) normalised latents -> (F, H, W, 3) uint8."""
+        vae = self.pipe.vae
+        mean, std = self._vae_stats(latents.device)
+        z = (latents.float() * std + mean).to(vae.dtype)
+        video = vae.decode(z, return_dict=False)[0]
+        video = ((video[0].float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+        return video.permute(1, 2, 3, 0).cpu().numpy()
+
+    @torch.no_grad()
+    def encode_prompts(self, prompt: str, negative_prompt: str = "", source_prompt: Optional[str] = None, *,
+                       max_sequence_length: int = 512):
+        """The pipeline's own encode_prompt -> (prompt_embeds, negative_prompt_embeds, source_embeds or None),
+        in the transformer's dtype."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise EditInputError("prompt must be a non-empty string")
+        enc = self.pipe.encode_prompt
+        params = inspect.signature(enc).parameters
+        kw = {"device": self.device}
+        if "max_sequence_length" in params:
+            kw["max_sequence_length"] = max_sequence_length
+        pos, neg = enc(prompt, negative_prompt=negative_prompt or "", do_classifier_free_guidance=True, **kw)
+        src = None
+        if source_prompt is not None:
+            src = enc(source_prompt, negative_prompt=None, do_classifier_free_guidance=False, **kw)[0]
+        dt = self.transformer_dtype
+        return pos.to(dt), neg.to(dt), (src.to(dt) if src is not None else None)
+
+    def make_schedule(self, num_steps: int, *, guidance: float = 5.0, kappa: Optional[int] = None,
+                      window: Optional[int] = None, tau: Optional[float] = None, hold: bool = False,
+                      device=None):
+        """The KV-Lock schedule for ``num_steps`` (``KVLockScheduler.for_steps``: kappa and window
+        scale with the step count unless given).  ``hold``: alpha_pre and omega0 at every step
+        (kappa = 0; used for an empty mask).  Returns (scheduler, warnings as strings)."""
+        from ..control.scheduler import KVLockScheduler
+
+        if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
+            raise EditInputError(f"--steps must be a positive integer, got {num_steps!r}")
+        if not isinstance(guidance, numbers.Real) or isinstance(guidance, bool) or not np.isfinite(guidance) \
+                or guidance < 0:
+            raise EditInputError(f"--guidance (omega0) must be a finite number >= 0, got {guidance!r}")
+        kw = {"omega0": float(guidance), "device": device or self.device}
+        if tau is not None:
+            kw["tau"] = tau
+        msgs: List[str] = []
+        try:
+            if hold:
+                window = window or 2
+                return KVLockScheduler(num_steps, kappa=0, window=window, **kw), msgs
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if hasattr(KVLockScheduler, "for_steps"):
+                    sched = KVLockScheduler.for_steps(num_steps, kappa=kappa, window=window, **kw)
+                else:  # pragma: no cover - before F2's for_steps
+                    k = round(0.4 * num_steps) if kappa is None else kappa
+                    w = max(2, round(0.2 * num_steps)) if window is None else window
+                    sched = KVLockScheduler(num_steps, kappa=k, window=w, **kw)
+        except (TypeError, ValueError) as e:
+            raise EditInputError(f"KV-Lock schedule: {e}") from None
+        for w in caught:  # for_steps' own "never activates" warning is restated below, with the CLI's names
+            if "for_steps" not in str(w.message):
+                warnings.warn(str(w.message), w.category, stacklevel=3)
+        if not _activates(sched) and kappa != 0:
+            k_how = "round(0.4 * steps)" if kappa is None else "given"
+            w_how = "max(2, round(0.2 * steps))" if window is None else "given"
+            need = _min_steps(KVLockScheduler, kappa, window)
+            msgs.append(
+                f"--steps {num_steps} is below what KV-Lock's schedule needs: it runs in the last kappa = {k_how} = "
+                f"{sched.kappa} steps and measures the x0-hat variance over a window of {w_how} = {sched.window} "
+                f"steps, and no step can see {sched.window} recorded steps inside the last {sched.kappa}; so alpha "
+                f"stays alpha_pre = {sched.alpha_pre:g} (full background lock) and omega stays omega0 = "
+                f"{sched.omega0:g} for the whole run"
+                + (f"; the schedule activates from {need} steps (SPEC: 50 steps, kappa 20, window 10)" if need else ""))
+        return sched, msgs
+
+    # -- the edit --------------------------------------------------------------------------
+    def edit(self, video, mask=None, prompt: str = None, *, negative_prompt: str = "",
+             source_prompt: Optional[str] = None, num_steps: int = 50, guidance: float = 5.0,
+             seed: Optional[int] = None, generator: Optional[torch.Generator] = None, box=None,
+             frames: Optional[int] = None, height: Optional[int] = None, width: Optional[int] = None,
+             dilate: int = 0, fps: Optional[float] = None, kv_lock=None, kappa: Optional[int] = None,
+             window: Optional[int] = None, tau: Optional[float] = None, max_sequence_length: int = 512,
+             output_type: str = "np", compute_metrics: bool = True) -> EditResult:
+        """Edit ``video`` inside ``mask`` toward ``prompt``; the background is locked to the source.
+
+        Arguments:
+            video: a path (video file, GIF, image folder), a ``Video``, a (F, H, W, 3) uint8 or
+                [0, 1] float array / tensor ((F, 3, H, W) tensors too), or a list of PIL images.
+            mask: a path (video, image for all frames, folder, .npy), an (F, H, W) / (H, W)
+                array or tensor (bool, uint8 0/255, float in [0, 1]), or a box (x0, y0, x1, y1).
+            prompt: what the foreground becomes.
+            negative_prompt: the unconditional branch's prompt (default "": the pipeline's).
+            source_prompt: conditioning of the source branch / inversion (default: the negative
+                prompt's embeddings, the editor's default).
+            num_steps: denoising steps; the schedule scales with it (``KVLockScheduler.for_steps``).
+            guidance: omega0, the base guidance scale (Wan: 5.0).
+            seed / generator: the initial and source-branch noise (a CPU generator).
+            box: a box instead of a mask (pixels of the source, or fractions in [0, 1]).
+            frames, height, width: fit the video to these (see ``geometry``); default: all of
+                the video at its own size, trimmed / cropped to the model's constraints.
+            dilate: grow the mask by this many pixels at the model's resolution.
+            fps: frame rate of array inputs and image folders (default 16).
+            kv_lock: a ready KVLockScheduler (overrides kappa / window / tau / guidance).
+            kappa, window, tau: schedule settings (default: scaled from num_steps; tau 0.01).
+            max_sequence_length: text tokens (Wan: 512).
+            output_type: "np" (float32 [0, 1], like diffusers), "uint8", "pt" or "pil".
+            compute_metrics: compute background PSNR / SSIM and the foreground change.
+        Returns:
+            EditResult (``.frames`` is the edited video).
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise EditInputError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if prompt is None:
+            raise EditInputError("prompt is required")
+        device = self.device
+        timer = _Timer(device)
+        notes: List[str] = []
+        warns: List[str] = []
+
+        def warn(msg):
+            warns.append(msg)
+            warnings.warn(msg, KVLockEditWarning, stacklevel=3)
+
+        with timer.phase("prepare"):
+            source, pixel_mask, plan, fps, notes = self.prepare(video, mask, box=box, frames=frames, height=height,
+                                                                width=width, dilate=dilate, fps=fps, notes=notes)
+            fg_fraction = float(pixel_mask.float().mean())
+            empty, full = not bool(pixel_mask.any()), bool(pixel_mask.all())
+            if empty:
+                warn("the mask has no foreground pixel: there is nothing to edit. KV-Lock locks every token to the "
+                     "source; with no foreground to measure, the schedule is held at alpha = alpha_pre (1.0, full "
+                     "lock) and omega = omega0 for every step, so the output reconstructs the source through the model")
+            elif full:
+                warn("the mask covers every pixel: no token is locked (lock weight alpha * (1 - m) = 0 everywhere), "
+                     "so KV-Lock reduces to generating a new video from the prompt with CFG-Zero* guidance; the "
+                     "source only seeds the hallucination signal, and background fidelity is undefined")
+            if kv_lock is None:
+                kv_lock, sched_msgs = self.make_schedule(num_steps, guidance=guidance, kappa=kappa, window=window,
+                                                         tau=tau, hold=empty, device=device)
+                for m in sched_msgs:
+                    warn(m)
+            elif getattr(kv_lock, "num_steps", num_steps) != num_steps:
+                raise EditInputError(f"kv_lock was built for {kv_lock.num_steps} steps, the edit asks for {num_steps}")
+            if generator is None:
+                generator = torch.Generator("cpu").manual_seed(0 if seed is None else int(seed))
+        schedule = {k: getattr(kv_lock, k, None) for k in ("num_steps", "kappa", "window", "tau", "omega0", "b",
+                                                           "alpha_pre", "omega_lower")}
+        schedule["activates"] = _activates(kv_lock)
+        schedule["held_for_empty_mask"] = empty
+
+        bar = _bar(2, "encode", self.progress)
+        with timer.phase("encode"):
+            pos, neg, src = self.encode_prompts(prompt, negative_prompt, source_prompt,
+                                                max_sequence_length=max_sequence_length)
+            bar.update(1)
+            latents = self.encode_video(source)
+            bar.update(1)
+        bar.close()
+        from ..control.masks import pixel_mask_to_latent
+
+        expected = latent_shape(plan, self.constraints)
+        latent_mask = pixel_mask_to_latent(pixel_mask.to(device), vae_stride=self.constraints.vae_stride).bool()
+        if tuple(latents.shape[2:]) != expected or tuple(latent_mask.shape) != tuple(latents.shape[2:]):
+            raise RuntimeError(f"latent shapes disagree: VAE {tuple(latents.shape[2:])}, planned {expected}, "
+                               f"mask {tuple(latent_mask.shape)} (kvlock_kernels.masks.pixel_mask_to_latent must "
+                               "group frames as the VAE does)")
+        model = dict(self.model_info, dtype=str(self.transformer_dtype).replace("torch.", ""), device=str(device),
+                     source=self.source, backend=self.backend)
+
+        with timer.phase("edit"):
+            scheduler = self._scheduler_copy()
+            model["scheduler_config"] = check_flow_matching(scheduler)
+            editor = self._make_editor(scheduler, kv_lock)
+            kw = {"generator": generator}
+            if src is not None:
+                kw["source_prompt_embeds"] = src
+            edited_latents, trace = editor.edit(latents, latent_mask, pos, neg, num_steps, **kw)
+        trace = self._complete_trace(trace, scheduler)
+
+        bar = _bar(1, "decode", self.progress)
+        with timer.phase("decode"):
+            edited = self.decode_latents(edited_latents)
+            bar.update(1)
+        bar.close()
+        if edited.shape != source.shape:
+            raise RuntimeError(f"decoded video {edited.shape} differs from the source {source.shape}")
+        fid = {}
+        if compute_metrics:
+            with timer.phase("metrics"):
+                fid = fidelity_metrics(torch.from_numpy(source).to(device), torch.from_numpy(edited).to(device),
+                                       pixel_mask.to(device))
+        fid["mask"] = {"foreground_fraction": fg_fraction, "empty": empty, "all_foreground": full,
+                       "latent_foreground_fraction": float(latent_mask.float().mean())}
+        return EditResult(frames=_convert(edited, output_type), edited=edited, source=source, mask=pixel_mask.cpu(),
+                          latent_mask=latent_mask.cpu(), latents=edited_latents.float().cpu(), trace=trace,
+                          timings=dict(timer.times), fidelity=fid, plan=plan, fps=fps, schedule=schedule, model=model,
+                          notes=notes, warnings=warns)
+
+    def __call__(self, video, mask=None, prompt: str = None, **kwargs):
+        """``edit(...).frames``: the edited video ((F, H, W, 3) float32 in [0, 1] by default)."""
+        return self.edit(video, mask, prompt, **kwargs).frames
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _scheduler_copy(self):
+        s = self.pipe.scheduler
+        return type(s).from_config(s.config)
+
+    def _make_editor(self, scheduler, kv_lock):
+        cls = _editor_class()
+        params = _editor_params()
+        kw = {"kv_lock": kv_lock, "source": self.source, "backend": self.backend, "progress": self.progress}
+        if self.cache_capacity is not None:
+            kw["cache_capacity"] = self.cache_capacity
+        t2 = getattr(self.pipe, "transformer_2", None)
+        if t2 is not None:
+            kw["transformer_2"] = t2
+            if "boundary_ratio" in params:
+                kw["boundary_ratio"] = self.model_info["boundary_ratio"]
+        if self.model_info["expand_timesteps"]:
+            kw["expand_timesteps"] = True
+        try:
+            return cls(self.pipe.transformer, scheduler, **{k: v for k, v in kw.items() if k in params})
+        except (TypeError, ValueError) as e:
+            raise UnsupportedModelError(f"KVLockEditor cannot run this checkpoint: {e}") from None
+
+    def _complete_trace(self, trace, scheduler) -> List[dict]:
+        timesteps = getattr(scheduler, "timesteps", None)
+        sigmas = getattr(scheduler, "sigmas", None)
+        boundary = self.model_info.get("boundary_ratio")
+        num_train = getattr(scheduler.config, "num_train_timesteps", 1000)
+        out = []
+        for row in trace:
+            row = dict(row)
+            k = int(row.get("step", len(out)))
+            if timesteps is not None and k < len(timesteps) and "timestep" not in row:
+                row["timestep"] = float(timesteps[k])
+            if sigmas is not None and k < len(sigmas) and "sigma" not in row:
+                row["sigma"] = float(sigmas[k])
+            if boundary is not None and "expert" not in row and "timestep" in row:
+                row["expert"] = "transformer" if row["timestep"] >= boundary * num_train else "transformer_2"
+            out.append({k2: (float(v) if isinstance(v, torch.Tensor) else v) for k2, v in row.items()})
+        return out
+
+
+def _activates(sched) -> bool:
+    if hasattr(sched, "can_activate"):
+        return bool(sched.can_activate)
+    n, kappa, window = sched.num_steps, sched.kappa, sched.window
+    return kappa > 0 and max(n - kappa, window) < n
+
+
+def _min_steps(cls, kappa, window) -> Optional[int]:
+    if hasattr(cls, "min_active_steps"):
+        try:
+            return cls.min_active_steps(kappa=kappa, window=window)
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _convert(frames: np.ndarray, output_type: str):
+    if output_type == "uint8":
+        return frames
+    if output_type == "np":
+        return frames.astype(np.float32) / 255.0
+    if output_type == "pt":
+        return torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
+    from PIL import Image
+
+    return [Image.fromarray(f) for f in frames]
