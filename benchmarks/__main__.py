@@ -47,6 +47,7 @@ from . import attention, control_ops, merge  # noqa: E402
 from . import model as perf_model  # noqa: E402
 from .common import (  # noqa: E402
     COGVIDEOX_5B,
+    CPU_PATH_SHAPES,
     CPU_SHAPES,
     CPU_SHAPES_QUICK,
     GPU_SHAPES,
@@ -316,7 +317,7 @@ def main(argv=None) -> int:
         if HAS_CUDA:
             shapes = (WAN_1_3B,) if args.quick else (WAN_1_3B, COGVIDEOX_5B)
         else:
-            shapes = CPU_SHAPES[:1] if args.quick else (CPU_SHAPES[0], CPU_SHAPES[3])
+            shapes = CPU_PATH_SHAPES[:1] if args.quick else CPU_PATH_SHAPES
         rows, notes = attention.path_rows(shapes, attention.PATH_ALPHAS, device, peaks, repeats)
         report["paths"] = dict(rows=rows, routes=notes)
         report["rows"] += [r for r in rows if r["status"] == "ok"]

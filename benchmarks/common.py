@@ -58,6 +58,11 @@ CPU_SHAPES = (
     AttnShape("cogvideox-5B, 1 frame + text (CPU)", 2, 1, 30, 45, 48, 64, text_tokens=226),
 )
 CPU_SHAPES_QUICK = CPU_SHAPES[:2] + CPU_SHAPES[3:]
+# The routed-paths section on CPU (PyTorch paths only): Wan's and CogVideoX's head layouts.
+CPU_PATH_SHAPES = (
+    AttnShape("wan2.1-1.3B, 10 rows (CPU)", 2, 1, 10, 52, 12, 128),
+    AttnShape("cogvideox-5B, 10 rows + text (CPU)", 2, 1, 10, 45, 48, 64, text_tokens=226),
+)
 # Interpreter correctness checks (small): video-only and joint text+video.
 INTERP_SHAPES = (
     AttnShape("wan-like (interpreter)", 2, 1, 15, 26, 2, 128),

@@ -186,8 +186,10 @@ def check_values_in_range(name: str, t: torch.Tensor, *, low: Optional[float] = 
                           high: Optional[float] = None, check_values: bool = True) -> None:
     """The values of a floating tensor lie in [low, high] and are not NaN (ValueError).
     Reads the tensor on the host: only where ``check_values`` and ``host_checks_allowed()``;
-    integer and bool tensors are not read (their range is their dtype's)."""
-    if not check_values or not t.is_floating_point() or t.numel() == 0 or not host_checks_allowed():
+    integer and bool tensors are not read (their range is their dtype's), nor meta tensors
+    (they have no values)."""
+    if (not check_values or not t.is_floating_point() or t.numel() == 0 or t.device.type == "meta"
+            or not host_checks_allowed()):
         return
     ok = ~torch.isnan(t)
     if low is not None:

@@ -118,7 +118,7 @@ def test_one_step_compiles_fullgraph():
     (dict(num_steps=10, tau=float("nan"), kappa=5), ValueError, "tau must be a finite number"),
     (dict(num_steps=10, tau="0.01", kappa=5), TypeError, "tau must be a real number"),
     (dict(num_steps=10, alpha_pre=1.5, kappa=5), ValueError, "alpha_pre must be <= 1"),
-    (dict(num_steps=10, b=0.5, kappa=5), ValueError, "b must be >= 1"),
+    (dict(num_steps=10, b=0.5, kappa=5), ValueError, r"b must be >= omega_lower \(1\)"),
     (dict(num_steps=10, omega0=-1.0, kappa=5), ValueError, "omega0 must be >= 0"),
     (dict(num_steps=10, kappa=5, device=3.5), TypeError, "device must be"),
     (dict(num_steps=10, kappa=5, device="nonsense"), ValueError, "device must name a torch device"),

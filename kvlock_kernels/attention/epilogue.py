@@ -47,7 +47,16 @@ from .._triton_helpers import cast_for_store
 from .._utils import device_guard, triton_interpreting
 from .._validate import check_choice, check_int, check_real, check_same_device, check_same_dtype, check_tensor
 from ..reference.epilogue import NORMS, ROPES, rope_table
-from .lock_kv import DTYPES, _runs_triton, check_backend, check_lock, check_source, needs_grad
+from .lock_kv import (
+    DTYPES,
+    _runs_triton,
+    check_backend,
+    check_lock,
+    check_source,
+    needs_grad,
+    row_strides,
+    stride_align,
+)
 
 __all__ = ["qkv_epilogue", "NORMS", "ROPES", "LAUNCH_CONFIGS", "launch_config", "gpu_report_jobs"]
 
@@ -57,10 +66,12 @@ ROPE_CODES = {"none": 0, "interleaved": 1, "half": 2}
 # stride 0); 3: a source per entry.
 LOCK_NONE, LOCK_BRANCH, LOCK_SHARED, LOCK_PER_ENTRY = 0, 1, 2, 3
 
-# (BLOCK_S tokens per program, num_warps) by head-dim tier.  In branch mode a program
-# keeps the source K/V tiles and the cos/sin tiles live across the batch loop: four fp32
-# tiles, so d128 takes 16 tokens per program with 4 warps (no spills, sm_80/sm_90).
-LAUNCH_CONFIGS = {"d64": (32, 4), "d128": (16, 4), "d256": (8, 4)}
+# (BLOCK_S tokens per program, num_warps) by head-dim tier: 1024 elements per head tile
+# over 4 warps.  In branch mode a program keeps the source K/V tiles and the cos/sin
+# tiles live across the batch loop beside the entry's q, k, v: ~165 registers (three
+# programs per SM) and no spills on sm_80/sm_90 for fp16, bf16 and fp32; 2048-element
+# tiles need 230-255 registers.
+LAUNCH_CONFIGS = {"d64": (16, 4), "d128": (8, 4), "d256": (4, 4)}
 INTERPRETER_BLOCK_S = 16
 
 
@@ -77,47 +88,11 @@ def launch_config(head_dim: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------
 # Kernel
 # --------------------------------------------------------------------------------------
-@triton.jit
-def _norm_rope(X, offs, partner_offs, load_ok, d_ok, rstd, w, wp, bias, biasp, cos, sin, sign, in_rope, eps,
-               HEAD_DIM: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
-               HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    """One (tokens x D) tile of one head, normed and rotated, in fp32.  RoPE needs each
-    element's pair partner: loaded by a second (cached) load at the partner offsets and
-    normed with the same row statistics."""
-    x = tl.load(X + offs, mask=load_ok, other=0.0).to(tl.float32)
-    if ROPE != 0:
-        xp = tl.load(X + partner_offs, mask=load_ok, other=0.0).to(tl.float32)
-    else:
-        xp = x
-    if NORM == 1:  # across heads: 1/rms from the first pass
-        y = x * rstd[:, None]
-        yp = xp * rstd[:, None]
-    elif NORM == 2:
-        r = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)
-        y = x * r[:, None]
-        yp = xp * r[:, None]
-    elif NORM == 3:
-        mean = tl.sum(x, axis=1) / HEAD_DIM
-        xc = tl.where(d_ok, x - mean[:, None], 0.0)
-        r = tl.rsqrt(tl.sum(xc * xc, axis=1) / HEAD_DIM + eps)
-        y = xc * r[:, None]
-        yp = (xp - mean[:, None]) * r[:, None]
-    else:
-        y = x
-        yp = xp
-    if NORM != 0:
-        if HAS_W:
-            y = y * w[None, :]
-            yp = yp * wp[None, :]
-        if HAS_B:
-            y = y + bias[None, :]
-            yp = yp + biasp[None, :]
-    if ROPE != 0:
-        rotated = y * cos + sign[None, :] * yp * sin
-        y = tl.where(in_rope[:, None], rotated, y)
-    return y
-
-
+# A head's D values are handled as two half tiles (a, b) of BLOCK_D // 2 columns: the
+# RoPE pairs.  "interleaved" (and no RoPE): a = even columns, b = odd columns, split in
+# registers from one contiguous load (tl.reshape + tl.split; stores join them back);
+# "half": a = columns [0, D/2), b = [D/2, D), two contiguous loads.  Either way every
+# load and store is a contiguous vector access and the rotation needs no shuffle.
 @triton.jit
 def _i64(x):
     """A loop index (a Python int under the interpreter, i32 on GPU) as an int64 scalar."""
@@ -125,18 +100,92 @@ def _i64(x):
 
 
 @triton.jit
-def _blend_rows(x, xs, w):
-    wb = w[:, None]
-    mixed = x + wb * (xs - x)
-    return tl.where(wb == 0.0, x, tl.where(wb == 1.0, xs, mixed))
+def _load_pair(P, row, row_ok, offs_d, offs_j, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+               BLOCK_D: tl.constexpr, ROPE: tl.constexpr, other):
+    """(a, b) fp32 half tiles of rows ``P + row`` (row: (BLOCK_S, 1) int64 offsets)."""
+    if ROPE == 2:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        ok = row_ok[:, None] & (offs_j < HALF)[None, :]
+        a = tl.load(P + row + offs_j[None, :], mask=ok, other=other).to(tl.float32)
+        b = tl.load(P + row + HALF + offs_j[None, :], mask=ok, other=other).to(tl.float32)
+    else:
+        ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        x = tl.load(P + row + offs_d[None, :], mask=ok, other=other).to(tl.float32)
+        a, b = tl.split(tl.reshape(x, (BLOCK_S, BLOCK_D // 2, 2)))
+    return a, b
 
 
 @triton.jit
-def _load_vec(P, offs, mask, ENABLED: tl.constexpr):
-    if ENABLED:
-        return tl.load(P + offs, mask=mask, other=0.0).to(tl.float32)
+def _store_pair(P, row, row_ok, a, b, offs_d, offs_j, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+                BLOCK_D: tl.constexpr, ROPE: tl.constexpr, INTERPRET: tl.constexpr):
+    if ROPE == 2:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        ok = row_ok[:, None] & (offs_j < HALF)[None, :]
+        tl.store(P + row + offs_j[None, :], cast_for_store(a, P, INTERPRET), mask=ok)
+        tl.store(P + row + HALF + offs_j[None, :], cast_for_store(b, P, INTERPRET), mask=ok)
     else:
-        return tl.zeros(offs.shape, dtype=tl.float32)
+        ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        x = tl.reshape(tl.join(a, b), (BLOCK_S, BLOCK_D))
+        tl.store(P + row + offs_d[None, :], cast_for_store(x, P, INTERPRET), mask=ok)
+
+
+@triton.jit
+def _load_vec_pair(P, offs_d, offs_j, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr,
+                   ENABLED: tl.constexpr):
+    """(a, b) halves of a (D,) vector (norm weight or bias), fp32; zeros when absent."""
+    if ENABLED:
+        if ROPE == 2:
+            HALF: tl.constexpr = HEAD_DIM // 2
+            ok = offs_j < HALF
+            a = tl.load(P + offs_j, mask=ok, other=0.0).to(tl.float32)
+            b = tl.load(P + HALF + offs_j, mask=ok, other=0.0).to(tl.float32)
+        else:
+            x = tl.load(P + offs_d, mask=offs_d < HEAD_DIM, other=0.0).to(tl.float32)
+            a, b = tl.split(tl.reshape(x, (BLOCK_D // 2, 2)))
+    else:
+        a = tl.zeros([BLOCK_D // 2], dtype=tl.float32)
+        b = tl.zeros([BLOCK_D // 2], dtype=tl.float32)
+    return a, b
+
+
+@triton.jit
+def _norm_rope(a, b, ok_a, ok_b, rstd, wa, wb, ba, bb, cos_a, cos_b, sin_a, sin_b, in_rope, eps,
+               HEAD_DIM: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
+               HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """Norm and RoPE of one head's (a, b) half tiles, fp32."""
+    if NORM == 1:  # across heads: 1/rms from the first pass
+        r = rstd
+    elif NORM == 2:
+        r = tl.rsqrt((tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)) / HEAD_DIM + eps)
+    elif NORM == 3:
+        mean = (tl.sum(a, axis=1) + tl.sum(b, axis=1)) / HEAD_DIM
+        a = tl.where(ok_a[None, :], a - mean[:, None], 0.0)
+        b = tl.where(ok_b[None, :], b - mean[:, None], 0.0)
+        r = tl.rsqrt((tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)) / HEAD_DIM + eps)
+    if NORM != 0:
+        a = a * r[:, None]
+        b = b * r[:, None]
+        if HAS_W:
+            a = a * wa[None, :]
+            b = b * wb[None, :]
+        if HAS_B:
+            a = a + ba[None, :]
+            b = b + bb[None, :]
+    if ROPE != 0:
+        ra = a * cos_a - b * sin_a
+        rb = b * cos_b + a * sin_b
+        a = tl.where(in_rope[:, None], ra, a)
+        b = tl.where(in_rope[:, None], rb, b)
+    return a, b
+
+
+@triton.jit
+def _blend_rows(x, xs, w):
+    """x + w (xs - x) per row in fp32; w == 0 selects x, w == 1 selects xs (the
+    operand not selected may hold anything: it was not loaded, or is NaN)."""
+    wb = w[:, None]
+    mixed = x + wb * (xs - x)
+    return tl.where(wb == 0.0, x, tl.where(wb == 1.0, xs, mixed))
 
 
 @triton.jit
@@ -166,65 +215,91 @@ def _qkv_epilogue_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     NORM: tl.constexpr, ROPE: tl.constexpr, LOCK_MODE: tl.constexpr,
     HAS_QW: tl.constexpr, HAS_QB: tl.constexpr, HAS_KW: tl.constexpr, HAS_KB: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    ALIGN: tl.constexpr, INTERPRET: tl.constexpr,
 ):
+    # One program: BLOCK_S tokens of `heads_per_prog` heads, for every batch entry.
+    # Offsets are 64-bit (a fused qkv chunk of Wan-14B at batch 3 spans > 2**31 elements)
+    # and kept per row: full-tile 64-bit offsets would cost two registers per element.
+    # Tensor strides come divided by ALIGN (their common power-of-two factor, <= 16) and
+    # are multiplied back here so that loads and stores vectorise (see lock_kv).
+    stride_qb *= ALIGN
+    stride_qs *= ALIGN
+    stride_qh *= ALIGN
+    stride_kb *= ALIGN
+    stride_ks *= ALIGN
+    stride_kh *= ALIGN
+    stride_vb *= ALIGN
+    stride_vs *= ALIGN
+    stride_vh *= ALIGN
+    stride_ksb *= ALIGN
+    stride_kss *= ALIGN
+    stride_ksh *= ALIGN
+    stride_vsb *= ALIGN
+    stride_vss *= ALIGN
+    stride_vsh *= ALIGN
+    stride_qob *= ALIGN
+    stride_qos *= ALIGN
+    stride_qoh *= ALIGN
+    stride_kob *= ALIGN
+    stride_kos *= ALIGN
+    stride_koh *= ALIGN
+    stride_vob *= ALIGN
+    stride_vos *= ALIGN
+    stride_voh *= ALIGN
+    stride_cs *= ALIGN
     pid_s = tl.program_id(0)
     pid_h = tl.program_id(1)
     rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     row_ok = rows < seqlen
     rows64 = rows.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok1 = offs_d < HEAD_DIM
-    d_ok = d_ok1[None, :]
-    tile_ok = row_ok[:, None] & d_ok
+    offs_j = tl.arange(0, BLOCK_D // 2)
+    tile_ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     lock_off = rows64 * stride_ls
-
-    # Pair partner of each element and the sign of its rotation term.
-    HALF: tl.constexpr = HEAD_DIM // 2
-    if ROPE == 1:
-        partner = offs_d ^ 1
-        sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
-    elif ROPE == 2:
-        partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)
-        sign = tl.where(offs_d < HALF, -1.0, 1.0)
+    # Columns of the a / b halves that exist (padding of head dims such as 72).
+    if ROPE == 2:
+        ok_a = offs_j < HEAD_DIM // 2
+        ok_b = ok_a
     else:
-        partner = offs_d
-        sign = tl.zeros([BLOCK_D], dtype=tl.float32)
-    shift = (partner - offs_d)[None, :]
+        ok_a = 2 * offs_j < HEAD_DIM
+        ok_b = 2 * offs_j + 1 < HEAD_DIM
 
     # RoPE tables of the block's tokens, shared by every head and entry.
     in_rope = row_ok & (rows >= rope_start) & (rows < rope_start + rope_len)
-    cos = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-    sin = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+    cos_a = tl.zeros([BLOCK_S, BLOCK_D // 2], dtype=tl.float32)
+    cos_b = cos_a
+    sin_a = cos_a
+    sin_b = cos_a
     if ROPE != 0:
-        t_off = (rows64 - rope_start)[:, None] * stride_cs + offs_d[None, :]
-        cos = tl.load(COS + t_off, mask=in_rope[:, None] & d_ok, other=1.0)
-        sin = tl.load(SIN + t_off, mask=in_rope[:, None] & d_ok, other=0.0)
+        t_row = ((rows64 - rope_start) * stride_cs)[:, None]
+        cos_a, cos_b = _load_pair(COS, t_row, in_rope, offs_d, offs_j, HEAD_DIM, BLOCK_S, BLOCK_D, ROPE, 1.0)
+        sin_a, sin_b = _load_pair(SIN, t_row, in_rope, offs_d, offs_j, HEAD_DIM, BLOCK_S, BLOCK_D, ROPE, 0.0)
 
-    # Pass 1 (across-heads RMSNorm): 1/rms of every entry's q and k rows, over all heads.
+    # Pass 1 (across-heads RMSNorm): 1/rms of every entry's q and k rows over all heads,
+    # kept in a (2, B, S) fp32 scratch that pass 2 reads back.
     rstd_q = tl.zeros([BLOCK_S], dtype=tl.float32)
-    rstd_k = tl.zeros([BLOCK_S], dtype=tl.float32)
+    rstd_k = rstd_q
     if NORM == 1:
         inv_n = 1.0 / (num_heads * HEAD_DIM)
         for b in range(batch):
             b64 = _i64(b)
             w = _entry_lock(LOCK, b, stride_lb, lock_off, row_ok, src_index, BLOCK_S, LOCK_MODE)
             k_ok = tile_ok & (w < 1.0)[:, None]  # weight-1 rows do not read k
+            q_row = (b64 * stride_qb + rows64 * stride_qs)[:, None] + offs_d[None, :]
+            k_row = (b64 * stride_kb + rows64 * stride_ks)[:, None] + offs_d[None, :]
             ssq_q = tl.zeros([BLOCK_S], dtype=tl.float32)
             ssq_k = tl.zeros([BLOCK_S], dtype=tl.float32)
             for h in range(num_heads):
                 h64 = _i64(h)
-                xq = tl.load(Q + b64 * stride_qb + rows64[:, None] * stride_qs + h64 * stride_qh + offs_d[None, :],
-                             mask=tile_ok, other=0.0).to(tl.float32)
-                xk = tl.load(K + b64 * stride_kb + rows64[:, None] * stride_ks + h64 * stride_kh + offs_d[None, :],
-                             mask=k_ok, other=0.0).to(tl.float32)
+                xq = tl.load(Q + q_row + h64 * stride_qh, mask=tile_ok, other=0.0).to(tl.float32)
+                xk = tl.load(K + k_row + h64 * stride_kh, mask=k_ok, other=0.0).to(tl.float32)
                 ssq_q += tl.sum(xq * xq, axis=1)
                 ssq_k += tl.sum(xk * xk, axis=1)
             tl.store(RSTD + b64 * seqlen + rows64, tl.rsqrt(ssq_q * inv_n + eps), mask=row_ok)
             tl.store(RSTD + (batch + b64) * seqlen + rows64, tl.rsqrt(ssq_k * inv_n + eps), mask=row_ok)
         tl.debug_barrier()
 
-    # Rows any entry locks (one shared cache source: the rest of it is not read).
+    # Rows some entry locks (one shared cache source: the rest of it is never read).
     need = row_ok
     if LOCK_MODE == 2:
         need = rows < 0
@@ -232,27 +307,21 @@ def _qkv_epilogue_kernel(
             w = _entry_lock(LOCK, b, stride_lb, lock_off, row_ok, src_index, BLOCK_S, LOCK_MODE)
             need = need | (w > 0.0)
 
-    # Pass 2, head by head: source tile first, then every entry.
+    # Pass 2, head by head: the source tile first, then every entry.
     for hh in range(heads_per_prog):
         h64 = (pid_h * heads_per_prog + hh).to(tl.int64)
         # Norm weights of this head (across heads: its slice of the heads*D vector).
-        if NORM == 1:
-            w_off = h64 * HEAD_DIM
-        else:
-            w_off = tl.zeros([], dtype=tl.int64)
-        wq = _load_vec(QW, w_off + offs_d, d_ok1, HAS_QW)
-        wqp = _load_vec(QW, w_off + partner, d_ok1, HAS_QW)
-        bq = _load_vec(QB, w_off + offs_d, d_ok1, HAS_QB)
-        bqp = _load_vec(QB, w_off + partner, d_ok1, HAS_QB)
-        wk = _load_vec(KW, w_off + offs_d, d_ok1, HAS_KW)
-        wkp = _load_vec(KW, w_off + partner, d_ok1, HAS_KW)
-        bk = _load_vec(KB, w_off + offs_d, d_ok1, HAS_KB)
-        bkp = _load_vec(KB, w_off + partner, d_ok1, HAS_KB)
+        w_off = h64 * HEAD_DIM if NORM == 1 else 0
+        wqa, wqb = _load_vec_pair(QW + w_off, offs_d, offs_j, HEAD_DIM, BLOCK_D, ROPE, HAS_QW)
+        bqa, bqb = _load_vec_pair(QB + w_off, offs_d, offs_j, HEAD_DIM, BLOCK_D, ROPE, HAS_QB)
+        wka, wkb = _load_vec_pair(KW + w_off, offs_d, offs_j, HEAD_DIM, BLOCK_D, ROPE, HAS_KW)
+        bka, bkb = _load_vec_pair(KB + w_off, offs_d, offs_j, HEAD_DIM, BLOCK_D, ROPE, HAS_KB)
 
-        ks = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+        ks_a = tl.zeros([BLOCK_S, BLOCK_D // 2], dtype=tl.float32)
+        ks_b = ks_a
         vs = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
         if LOCK_MODE == 1:
-            # The source entry: its own outputs, and its K/V tile kept for the others.
+            # The source entry: its own (unlocked) outputs, and its K/V kept for the others.
             s64 = src_index.to(tl.int64)
             if NORM == 1:
                 rq = tl.load(RSTD + s64 * seqlen + rows64, mask=row_ok, other=0.0)
@@ -260,26 +329,28 @@ def _qkv_epilogue_kernel(
             else:
                 rq = rstd_q
                 rk = rstd_k
-            q_off = s64 * stride_qb + rows64[:, None] * stride_qs + h64 * stride_qh + offs_d[None, :]
-            k_off = s64 * stride_kb + rows64[:, None] * stride_ks + h64 * stride_kh + offs_d[None, :]
-            yq = _norm_rope(Q, q_off, q_off + shift, tile_ok, d_ok, rq, wq, wqp, bq, bqp, cos, sin, sign, in_rope,
-                            eps, HEAD_DIM, NORM, ROPE, HAS_QW, HAS_QB)
-            ks = _norm_rope(K, k_off, k_off + shift, tile_ok, d_ok, rk, wk, wkp, bk, bkp, cos, sin, sign, in_rope,
-                            eps, HEAD_DIM, NORM, ROPE, HAS_KW, HAS_KB)
-            vs = tl.load(V + s64 * stride_vb + rows64[:, None] * stride_vs + h64 * stride_vh + offs_d[None, :],
-                         mask=tile_ok, other=0.0).to(tl.float32)
-            o_q = s64 * stride_qob + rows64[:, None] * stride_qos + h64 * stride_qoh + offs_d[None, :]
-            o_k = s64 * stride_kob + rows64[:, None] * stride_kos + h64 * stride_koh + offs_d[None, :]
-            o_v = s64 * stride_vob + rows64[:, None] * stride_vos + h64 * stride_voh + offs_d[None, :]
-            tl.store(QO + o_q, cast_for_store(yq, QO, INTERPRET), mask=tile_ok)
-            tl.store(KO + o_k, cast_for_store(ks, KO, INTERPRET), mask=tile_ok)
-            tl.store(VO + o_v, cast_for_store(vs, VO, INTERPRET), mask=tile_ok)
+            q_row = (s64 * stride_qb + rows64 * stride_qs + h64 * stride_qh)[:, None]
+            qa, qb = _load_pair(Q, q_row, row_ok, offs_d, offs_j, HEAD_DIM, BLOCK_S, BLOCK_D, ROPE, 0.0)
+            qa, qb = _norm_rope(qa, qb, ok_a, ok_b, rq, wqa, wqb, bqa, bqb, cos_a, cos_b, sin_a, sin_b, in_rope,
+                                eps, HEAD_DIM, NORM, ROPE, HAS_QW, HAS_QB)
+            o_row = (s64 * stride_qob + rows64 * stride_qos + h64 * stride_qoh)[:, None]
+            _store_pair(QO, o_row, row_ok, qa, qb, offs_d, offs_j, HEAD_DIM, BLOCK_S, BLOCK_D, ROPE, INTERPRET)
+            k_row = (s64 * stride_kb + rows64 * stride_ks + h64 * stride_kh)[:, None]
+            ks_a, ks_b = _load_pair(K, k_row, row_ok, offs_d, offs_j, HEAD_DIM, BLOCK_S, BLOCK_D, ROPE, 0.0)
+            ks_a, ks_b = _norm_rope(ks_a, ks_b, ok_a, ok_b, rk, wka, wkb, bka, bkb, cos_a, cos_b, sin_a, sin_b,
+                                    in_rope, eps, HEAD_DIM, NORM, ROPE, HAS_KW, HAS_KB)
+            o_row = (s64 * stride_kob + rows64 * stride_kos + h64 * stride_koh)[:, None]
+            _store_pair(KO, o_row, row_ok, ks_a, ks_b, offs_d, offs_j, HEAD_DIM, BLOCK_S, BLOCK_D, ROPE,
+                        INTERPRET)
+            v_row = (s64 * stride_vb + rows64 * stride_vs + h64 * stride_vh)[:, None]
+            vs = tl.load(V + v_row + offs_d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+            o_row = (s64 * stride_vob + rows64 * stride_vos + h64 * stride_voh)[:, None]
+            tl.store(VO + o_row + offs_d[None, :], cast_for_store(vs, VO, INTERPRET), mask=tile_ok)
         elif LOCK_MODE == 2:
-            src_ok = tile_ok & need[:, None]
-            ks = tl.load(KS + rows64[:, None] * stride_kss + h64 * stride_ksh + offs_d[None, :],
-                         mask=src_ok, other=0.0).to(tl.float32)
-            vs = tl.load(VS + rows64[:, None] * stride_vss + h64 * stride_vsh + offs_d[None, :],
-                         mask=src_ok, other=0.0).to(tl.float32)
+            ks_row = (rows64 * stride_kss + h64 * stride_ksh)[:, None]
+            ks_a, ks_b = _load_pair(KS, ks_row, need, offs_d, offs_j, HEAD_DIM, BLOCK_S, BLOCK_D, ROPE, 0.0)
+            vs_row = (rows64 * stride_vss + h64 * stride_vsh)[:, None]
+            vs = tl.load(VS + vs_row + offs_d[None, :], mask=tile_ok & need[:, None], other=0.0).to(tl.float32)
 
         for b in range(batch):
             if b != src_index:
@@ -291,39 +362,44 @@ def _qkv_epilogue_kernel(
                 else:
                     rq = rstd_q
                     rk = rstd_k
-                q_off = b64 * stride_qb + rows64[:, None] * stride_qs + h64 * stride_qh + offs_d[None, :]
-                yq = _norm_rope(Q, q_off, q_off + shift, tile_ok, d_ok, rq, wq, wqp, bq, bqp, cos, sin, sign,
-                                in_rope, eps, HEAD_DIM, NORM, ROPE, HAS_QW, HAS_QB)
-                o_q = b64 * stride_qob + rows64[:, None] * stride_qos + h64 * stride_qoh + offs_d[None, :]
-                tl.store(QO + o_q, cast_for_store(yq, QO, INTERPRET), mask=tile_ok)
+                q_row = (b64 * stride_qb + rows64 * stride_qs + h64 * stride_qh)[:, None]
+                qa, qb = _load_pair(Q, q_row, row_ok, offs_d, offs_j, HEAD_DIM, BLOCK_S, BLOCK_D, ROPE, 0.0)
+                qa, qb = _norm_rope(qa, qb, ok_a, ok_b, rq, wqa, wqb, bqa, bqb, cos_a, cos_b, sin_a, sin_b,
+                                    in_rope, eps, HEAD_DIM, NORM, ROPE, HAS_QW, HAS_QB)
+                o_row = (b64 * stride_qob + rows64 * stride_qos + h64 * stride_qoh)[:, None]
+                _store_pair(QO, o_row, row_ok, qa, qb, offs_d, offs_j, HEAD_DIM, BLOCK_S, BLOCK_D, ROPE, INTERPRET)
 
-                fresh_ok = tile_ok & (w < 1.0)[:, None]  # weight-1 rows do not read k, v
-                k_off = b64 * stride_kb + rows64[:, None] * stride_ks + h64 * stride_kh + offs_d[None, :]
-                yk = _norm_rope(K, k_off, k_off + shift, fresh_ok, d_ok, rk, wk, wkp, bk, bkp, cos, sin, sign,
-                                in_rope, eps, HEAD_DIM, NORM, ROPE, HAS_KW, HAS_KB)
-                yv = tl.load(V + b64 * stride_vb + rows64[:, None] * stride_vs + h64 * stride_vh + offs_d[None, :],
-                             mask=fresh_ok, other=0.0).to(tl.float32)
+                fresh = row_ok & (w < 1.0)  # weight-1 rows do not read k, v
+                k_row = (b64 * stride_kb + rows64 * stride_ks + h64 * stride_kh)[:, None]
+                ka, kb = _load_pair(K, k_row, fresh, offs_d, offs_j, HEAD_DIM, BLOCK_S, BLOCK_D, ROPE, 0.0)
+                ka, kb = _norm_rope(ka, kb, ok_a, ok_b, rk, wka, wkb, bka, bkb, cos_a, cos_b, sin_a, sin_b,
+                                    in_rope, eps, HEAD_DIM, NORM, ROPE, HAS_KW, HAS_KB)
+                v_row = (b64 * stride_vb + rows64 * stride_vs + h64 * stride_vh)[:, None]
+                vv = tl.load(V + v_row + offs_d[None, :], mask=tile_ok & fresh[:, None], other=0.0).to(tl.float32)
                 if LOCK_MODE == 3:
-                    src_ok = tile_ok & (w > 0.0)[:, None]
-                    ks = tl.load(KS + b64 * stride_ksb + rows64[:, None] * stride_kss + h64 * stride_ksh
-                                 + offs_d[None, :], mask=src_ok, other=0.0).to(tl.float32)
-                    vs = tl.load(VS + b64 * stride_vsb + rows64[:, None] * stride_vss + h64 * stride_vsh
-                                 + offs_d[None, :], mask=src_ok, other=0.0).to(tl.float32)
+                    used = row_ok & (w > 0.0)
+                    ks_row = (b64 * stride_ksb + rows64 * stride_kss + h64 * stride_ksh)[:, None]
+                    ks_a, ks_b = _load_pair(KS, ks_row, used, offs_d, offs_j, HEAD_DIM, BLOCK_S, BLOCK_D, ROPE,
+                                            0.0)
+                    vs_row = (b64 * stride_vsb + rows64 * stride_vss + h64 * stride_vsh)[:, None]
+                    vs = tl.load(VS + vs_row + offs_d[None, :], mask=tile_ok & used[:, None],
+                                 other=0.0).to(tl.float32)
                 if LOCK_MODE != 0:
-                    yk = _blend_rows(yk, ks, w)
-                    yv = _blend_rows(yv, vs, w)
-                o_k = b64 * stride_kob + rows64[:, None] * stride_kos + h64 * stride_koh + offs_d[None, :]
-                o_v = b64 * stride_vob + rows64[:, None] * stride_vos + h64 * stride_voh + offs_d[None, :]
-                tl.store(KO + o_k, cast_for_store(yk, KO, INTERPRET), mask=tile_ok)
-                tl.store(VO + o_v, cast_for_store(yv, VO, INTERPRET), mask=tile_ok)
+                    ka = _blend_rows(ka, ks_a, w)
+                    kb = _blend_rows(kb, ks_b, w)
+                    vv = _blend_rows(vv, vs, w)
+                o_row = (b64 * stride_kob + rows64 * stride_kos + h64 * stride_koh)[:, None]
+                _store_pair(KO, o_row, row_ok, ka, kb, offs_d, offs_j, HEAD_DIM, BLOCK_S, BLOCK_D, ROPE, INTERPRET)
+                o_row = (b64 * stride_vob + rows64 * stride_vos + h64 * stride_voh)[:, None]
+                tl.store(VO + o_row + offs_d[None, :], cast_for_store(vv, VO, INTERPRET), mask=tile_ok)
 
 
 def kernel_constexprs(head_dim: int, *, norm: str, rope: str, lock_mode: int, has_qw: bool, has_qb: bool,
-                      has_kw: bool, has_kb: bool, interpret: bool = False) -> dict:
+                      has_kw: bool, has_kb: bool, align: int = 16, interpret: bool = False) -> dict:
     """The non-tiling constexprs of ``_qkv_epilogue_kernel`` (also used by the GPU report)."""
     return dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), NORM=NORM_CODES[norm], ROPE=ROPE_CODES[rope],
                 LOCK_MODE=lock_mode, HAS_QW=has_qw, HAS_QB=has_qb, HAS_KW=has_kw, HAS_KB=has_kb,
-                INTERPRET=interpret)
+                ALIGN=align, INTERPRET=interpret)
 
 
 # --------------------------------------------------------------------------------------
@@ -353,8 +429,7 @@ def _launch(q, k, v, heads, norm, wq, bq, wk, bk, eps, rope, cos, sin, rope_star
         mode = LOCK_PER_ENTRY
     dummy = q
     if mode in (LOCK_SHARED, LOCK_PER_ENTRY):
-        src_strides = (_batch_stride(k_src), k_src.stride(1), k_src.stride(2),
-                       _batch_stride(v_src), v_src.stride(1), v_src.stride(2))
+        src_strides = row_strides(k_src) + row_strides(v_src)
     else:
         k_src = v_src = dummy
         src_strides = (0,) * 6
@@ -366,10 +441,14 @@ def _launch(q, k, v, heads, norm, wq, bq, wk, bk, eps, rope, cos, sin, rope_star
     if rope != "none":
         cos = cos.to(torch.float32).contiguous()
         sin = sin.to(torch.float32).contiguous()
-        rope_len, stride_cs = cos.shape[0], cos.stride(0)
+        rope_len, stride_cs = cos.shape[0], (cos.stride(0) if cos.shape[0] > 1 else 0)
     else:
         cos = sin = dummy
         rope_len, stride_cs = 0, 0
+    strides = [*row_strides(q), *row_strides(k), *row_strides(v), *src_strides, *row_strides(q_out),
+               *row_strides(k_out), *row_strides(v_out), stride_cs]
+    align = stride_align(strides)
+    strides = [st // align for st in strides]
     across = norm == "rms_across_heads"
     rstd = torch.empty(2 * B * S if across else 1, dtype=torch.float32, device=q.device)
     interpret = triton_interpreting()
@@ -382,18 +461,11 @@ def _launch(q, k, v, heads, norm, wq, bq, wk, bk, eps, rope, cos, sin, rope_star
             wq if wq is not None else dummy, bq if bq is not None else dummy,
             wk if wk is not None else dummy, bk if bk is not None else dummy,
             cos, sin, lock, k_src, v_src, q_out, k_out, v_out, rstd,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            *src_strides, *lock_strides,
-            q_out.stride(0), q_out.stride(1), q_out.stride(2),
-            k_out.stride(0), k_out.stride(1), k_out.stride(2),
-            v_out.stride(0), v_out.stride(1), v_out.stride(2),
-            stride_cs,
+            *strides[:15], *lock_strides, *strides[15:],
             B, S, H, heads_per_prog, rope_start, rope_len, source_index if mode == LOCK_BRANCH else -1, eps,
             **kernel_constexprs(D, norm=norm, rope=rope, lock_mode=mode, has_qw=wq is not None,
                                 has_qb=bq is not None, has_kw=wk is not None, has_kb=bk is not None,
-                                interpret=interpret),
+                                align=align, interpret=interpret),
             BLOCK_S=block_s, num_warps=warps,
         )
 
@@ -657,8 +729,9 @@ def gpu_report_build(arch: int, dtype_name: str, head_dim: int, config) -> dict:
     label, norm, rope, lock_mode, has_bias = config
     block_s, warps = launch_config(head_dim)
     has_w = norm != "none"
+    # What the launcher passes for contiguous tensors (strides multiples of head_dim).
     const = kernel_constexprs(head_dim, norm=norm, rope=rope, lock_mode=lock_mode, has_qw=has_w,
-                              has_qb=has_bias, has_kw=has_w, has_kb=has_bias)
+                              has_qb=has_bias, has_kw=has_w, has_kb=has_bias, align=stride_align([head_dim]))
     const["BLOCK_S"] = block_s
     ptr = "*" + dtype_name
     types = {n: ptr for n in ("Q", "K", "V", "QW", "QB", "KW", "KB", "KS", "VS", "QO", "KO", "VO")}

@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.utils import flop_counter
 
 from .. import reference
 from .._autograd import register_recompute_backward
@@ -76,24 +77,17 @@ def _dot_operand(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _to_fp32(x):
-    if x.dtype == tl.bfloat16:
-        x = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
 def _kv_tile(X, XS, offs_x, offs_xs, w, n_ok, d_ok, DTYPE: tl.constexpr, HAS_LOCK: tl.constexpr,
              MASK_N: tl.constexpr, EVEN_D: tl.constexpr, INTERPRET: tl.constexpr):
     """One (BLOCK_N, BLOCK_D) K or V tile, ready for the dot.  X, XS: pointers to the
     block's first row of the fresh and the source tensor; offs_*: int32 tile offsets."""
     if HAS_LOCK:
-        # Per-row masks: a row is read from the tensor(s) its weight needs; the other
-        # operand of that row is 0, never the memory (NaN/inf there cannot propagate).
-        fresh = w < 1.0
-        source = w > 0.0
+        # Per-row masks: a row is read from the tensor(s) its weight needs (w == 0: k
+        # only, w == 1: k_src only); the other operand of that row is 0, never memory, so
+        # NaN/inf there cannot propagate.  (!= rather than < 1 / > 0: a weight outside
+        # [0, 1], allowed with check_inputs=False, blends both like the PyTorch path.)
+        fresh = w != 1.0
+        source = w != 0.0
         if MASK_N:
             fresh = fresh & n_ok
             source = source & n_ok
@@ -102,11 +96,11 @@ def _kv_tile(X, XS, offs_x, offs_xs, w, n_ok, d_ok, DTYPE: tl.constexpr, HAS_LOC
         if not EVEN_D:
             fresh_2d = fresh_2d & d_ok[None, :]
             source_2d = source_2d & d_ok[None, :]
-        x = _to_fp32(tl.load(X + offs_x, mask=fresh_2d, other=0.0))
-        xs = _to_fp32(tl.load(XS + offs_xs, mask=source_2d, other=0.0))
-        # (1 - w) x + w xs in fp32 (one multiply, one fma per element, no select):
-        # w == 0 gives x exactly (xs is 0, not read), w == 1 gives xs exactly (x is 0),
-        # inf included; 0 < w < 1 propagates NaN/inf of either operand.
+        x = tl.load(X + offs_x, mask=fresh_2d, other=0.0).to(tl.float32)
+        xs = tl.load(XS + offs_xs, mask=source_2d, other=0.0).to(tl.float32)
+        # (1 - w) x + w xs in fp32 (one multiply and one fma per element, no select),
+        # rounded once: w == 0 gives x exactly (xs is 0, not read), w == 1 gives xs
+        # exactly (x is 0), inf included; otherwise NaN/inf of either operand propagate.
         tile = _dot_operand((1.0 - w)[:, None] * x + w[:, None] * xs, DTYPE, INTERPRET)
     else:
         if MASK_N:
@@ -451,6 +445,18 @@ def _recompute(q, k, v, k_src, v_src, lock, softmax_scale, layout, return_lse, b
 # Not fused: the backward re-runs the forward in PyTorch under autograd (the blend is
 # linear, so gradients reach q, k, v, k_src, v_src and the lock), then its backward.
 register_recompute_backward(_kv_lock_attention_op, _recompute)
+
+
+def _attention_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+    """Tensor-core FLOPs of one call, for torch.utils.flop_counter.FlopCounterMode (the op
+    is opaque to it): one QK and one PV matmul, 4 * B * Hq * Sq * Skv * D, as SDPA counts.
+    The same with a lock: every backend blends K/V elementwise (not matmul work)."""
+    B, Sq, Hq, D = q_shape
+    return 4 * B * Hq * Sq * k_shape[1] * D
+
+
+if torch.ops.kvlock_kernels.kv_lock_attention not in flop_counter.flop_registry:
+    flop_counter.register_flop_formula(torch.ops.kvlock_kernels.kv_lock_attention)(_attention_flops)
 
 
 # --------------------------------------------------------------------------------------

@@ -42,10 +42,11 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOCK_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool)
 BSHD = "(B, S, H, D)"
 
-# (BLOCK_S tokens per program, num_warps) by head-dim tier.  A program holds the two
-# source tiles and the entry's two tiles in fp32: 4 * BLOCK_S * BLOCK_D / (32 * warps)
-# registers per thread (64 at d128), no spills on sm_80/sm_90 for any dtype.
-LAUNCH_CONFIGS = {"d64": (64, 4), "d128": (32, 4), "d256": (16, 4)}
+# (BLOCK_S tokens per program, num_warps) by head-dim tier: 4096 elements per tile over
+# 8 warps.  A program keeps the source K and V tiles live across the batch loop beside
+# the entry's tiles, about 8 registers per tile element per thread: 16 elements per
+# thread give ~125 registers (two programs per SM), 32 would hit 255.
+LAUNCH_CONFIGS = {"d64": (64, 8), "d128": (32, 8), "d256": (16, 8)}
 INTERPRETER_BLOCK_S = 16
 
 
@@ -89,11 +90,33 @@ def _lock_kv_kernel(
     stride_vob, stride_vos, stride_voh,
     batch, seqlen, src_index,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    SHARED_SRC: tl.constexpr, BRANCH: tl.constexpr, IN_PLACE: tl.constexpr, INTERPRET: tl.constexpr,
+    SHARED_SRC: tl.constexpr, BRANCH: tl.constexpr, IN_PLACE: tl.constexpr, ALIGN: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     # One program: BLOCK_S tokens of one head, every batch entry.  The last dim of every
     # tensor is contiguous; offsets are 64-bit (a fused qkv chunk of Wan-14B at batch 3
-    # spans more than 2**31 elements).
+    # spans more than 2**31 elements).  Tensor strides come divided by ALIGN, their
+    # common power-of-two factor: multiplied back here, the compiler knows every row
+    # starts on an ALIGN-element boundary and vectorises loads and stores (head dim 72:
+    # strides are multiples of 8, not of the 16 Triton specialises on).
+    stride_kb *= ALIGN
+    stride_ks *= ALIGN
+    stride_kh *= ALIGN
+    stride_vb *= ALIGN
+    stride_vs *= ALIGN
+    stride_vh *= ALIGN
+    stride_ksb *= ALIGN
+    stride_kss *= ALIGN
+    stride_ksh *= ALIGN
+    stride_vsb *= ALIGN
+    stride_vss *= ALIGN
+    stride_vsh *= ALIGN
+    stride_kob *= ALIGN
+    stride_kos *= ALIGN
+    stride_koh *= ALIGN
+    stride_vob *= ALIGN
+    stride_vos *= ALIGN
+    stride_voh *= ALIGN
     pid_s = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -161,11 +184,24 @@ def _lock_kv_kernel(
             tl.store(VO + b64 * stride_vob + vo_row + cols, cast_for_store(vl, VO, INTERPRET), mask=out_ok)
 
 
-def kernel_constexprs(head_dim: int, *, shared_src: bool, branch: bool, in_place: bool,
+def kernel_constexprs(head_dim: int, *, shared_src: bool, branch: bool, in_place: bool, align: int = 16,
                       interpret: bool = False) -> dict:
     """The non-tiling constexprs of ``_lock_kv_kernel`` (also used by the GPU report)."""
     return dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), SHARED_SRC=shared_src, BRANCH=branch,
-                IN_PLACE=in_place, INTERPRET=interpret)
+                IN_PLACE=in_place, ALIGN=align, INTERPRET=interpret)
+
+
+def row_strides(t: torch.Tensor) -> tuple:
+    """Strides of every dim but the last, 0 for dims of size 1 (never stepped)."""
+    return tuple(0 if n == 1 else st for n, st in zip(t.shape[:-1], t.stride()[:-1]))
+
+
+def stride_align(strides) -> int:
+    """The largest power of two <= 16 dividing every stride (the kernels' ALIGN)."""
+    align = 16
+    while align > 1 and any(st % align for st in strides):
+        align //= 2
+    return align
 
 
 # --------------------------------------------------------------------------------------
@@ -181,27 +217,22 @@ def _launch(k, v, lock, k_src, v_src, source_index, k_out, v_out, in_place):
     B, S, H, D = k.shape
     branch = source_index >= 0
     if branch:
-        k_src, v_src = k[source_index], v[source_index]
-        src_strides = (0, k_src.stride(0), k_src.stride(1), 0, v_src.stride(0), v_src.stride(1))
-        shared = True
-    else:
-        src_strides = (_batch_stride(k_src), k_src.stride(1), k_src.stride(2),
-                       _batch_stride(v_src), v_src.stride(1), v_src.stride(2))
-        shared = src_strides[0] == 0 and src_strides[3] == 0
+        k_src, v_src = k[source_index:source_index + 1], v[source_index:source_index + 1]
+    src_strides = row_strides(k_src) + row_strides(v_src)
+    shared = src_strides[0] == 0 and src_strides[3] == 0
+    strides = [*row_strides(k), *row_strides(v), *src_strides, *row_strides(k_out), *row_strides(v_out)]
+    align = stride_align(strides)
+    strides = [st // align for st in strides]
     interpret = triton_interpreting()
     block_s, warps = (INTERPRETER_BLOCK_S, 1) if interpret else launch_config(D)
     grid = (triton.cdiv(S, block_s), H)
     with device_guard(k.device):
         _lock_kv_kernel[grid](
             k, v, k_src, v_src, lock, k_out, v_out,
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            *src_strides,
-            _batch_stride(lock), lock.stride(1),
-            k_out.stride(0), k_out.stride(1), k_out.stride(2),
-            v_out.stride(0), v_out.stride(1), v_out.stride(2),
+            *strides[:12], _batch_stride(lock), lock.stride(1), *strides[12:],
             B, S, source_index,
-            **kernel_constexprs(D, shared_src=shared, branch=branch, in_place=in_place, interpret=interpret),
+            **kernel_constexprs(D, shared_src=shared, branch=branch, in_place=in_place, align=align,
+                                interpret=interpret),
             BLOCK_S=block_s, num_warps=warps,
         )
 
@@ -368,7 +399,7 @@ def lock_kv(k: torch.Tensor, v: torch.Tensor, lock: torch.Tensor, *, k_src: Opti
     lock2 = check_lock(lock, B, S, check_inputs)
     check_same_device(k=k, v=v, lock=lock, k_src=k_src, v_src=v_src)
     check_backend(backend, k.dtype, k.device)
-    if inplace and k.numel() > 0 and (k.data_ptr() == v.data_ptr()):
+    if inplace and not torch.compiler.is_compiling() and k.numel() > 0 and k.data_ptr() == v.data_ptr():
         raise ValueError("inplace=True needs k and v in different memory (got the same storage offset)")
 
     if src == -1:
@@ -376,7 +407,8 @@ def lock_kv(k: torch.Tensor, v: torch.Tensor, lock: torch.Tensor, *, k_src: Opti
         v_src = v_src if v_src.stride(-1) == 1 else v_src.contiguous()
     if inplace:
         if needs_grad(k, v, lock2, k_src, v_src):
-            kl, vl = _lock_kv_op(k, v, lock2, k_src, v_src, src, backend)
+            # Through autograd: the op's saved inputs must not be the tensors written.
+            kl, vl = _lock_kv_op(k.clone(), v.clone(), lock2, k_src, v_src, src, backend)
             k.copy_(kl)
             v.copy_(vl)
         else:
@@ -408,7 +440,9 @@ def gpu_report_jobs(arch: int, all_configs: bool) -> list[tuple]:
 def gpu_report_build(arch: int, dtype_name: str, head_dim: int, config) -> dict:
     label, shared, branch, in_place = config
     block_s, warps = launch_config(head_dim)
-    const = kernel_constexprs(head_dim, shared_src=shared, branch=branch, in_place=in_place)
+    # What the launcher passes for contiguous (B, S, H, D) tensors.
+    const = kernel_constexprs(head_dim, shared_src=shared, branch=branch, in_place=in_place,
+                              align=stride_align([head_dim]))
     const["BLOCK_S"] = block_s
     ptr = "*" + dtype_name
     types = {n: ptr for n in ("K", "V", "KS", "VS", "KO", "VO")}

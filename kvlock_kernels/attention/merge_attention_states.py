@@ -38,8 +38,10 @@ from .._validate import (
 
 __all__ = ["merge_attention_states"]
 
-# (rows per program, num_warps) on GPUs: also what `inspect` compiles.
-LAUNCH_CONFIG = (32, 4)
+# (rows per program, num_warps) on GPUs: also what tools/gpu_report compiles.  8 warps:
+# with 4, head dim 72 (tiles padded to 128) needs 255 registers and spills on sm_90;
+# with 8 every head dim 64..256 and dtype stays at <= 124 registers, no spills.
+LAUNCH_CONFIG = (32, 8)
 
 
 @triton.jit
@@ -170,3 +172,29 @@ def _launch_merge(grid, a, lse_a, b, lse_b, out_v, lse, H, S, D, block_s, warps)
         H, S, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_S=block_s,
         INTERPRET=triton_interpreting(), num_warps=warps,
     )
+
+
+# --------------------------------------------------------------------------------------
+# gpu_report job protocol (kvlock_kernels.tools.gpu_report)
+# --------------------------------------------------------------------------------------
+def gpu_report_jobs(arch: int, all_configs: bool) -> list[tuple]:
+    """Head dims 64 and 128 in bf16 by default; every head dim and dtype with all_configs."""
+    dtypes = ("bf16", "fp16", "fp32") if all_configs else ("bf16",)
+    head_dims = (64, 72, 80, 96, 128, 256) if all_configs else (64, 128)
+    return [("merge_attention_states", __name__, "gpu_report_spec", arch, dt, d, LAUNCH_CONFIG)
+            for dt in dtypes for d in head_dims]
+
+
+def gpu_report_spec(arch: int, dtype_name: str, head_dim: int, config) -> dict:
+    block_s, warps = config
+    const = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_S=block_s,
+                 INTERPRET=False)
+    ptr = "*" + dtype_name
+    types = dict(OA=ptr, OB=ptr, OUT=ptr, LA="*fp32", LB="*fp32", LOUT="*fp32")
+    # (B, S, H, D) strides: multiples of 16 when H * D and D are.
+    divisible = ["stride_ab", "stride_as", "stride_bb", "stride_bs", "stride_ob", "stride_os"]
+    if head_dim % 16 == 0:
+        divisible += ["stride_ah", "stride_bh", "stride_oh"]
+    return dict(fn=_merge_states_kernel, const=const, types=types, warps=warps, stages=1,
+                pointers=tuple(types), unit_strides=(), divisible=tuple(divisible),
+                config=f"S{block_s}/w{warps}")

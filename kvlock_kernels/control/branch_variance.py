@@ -35,7 +35,7 @@ from .._validate import check_backend, check_int, check_same_device, check_tenso
 
 __all__ = ["branch_variance"]
 
-# (BLOCK positions per program, num_warps): also what `inspect` compiles.
+# (BLOCK positions per program, num_warps): also what tools/gpu_report compiles.
 LAUNCH_CONFIG = (1024, 4)
 
 
@@ -173,3 +173,25 @@ def _branch_variance_op(x: torch.Tensor, mask: Optional[torch.Tensor], correctio
 def _(x, mask, correction, backend):
     return (x.new_empty(x.shape[1], *x.shape[3:], dtype=torch.float32),
             x.new_empty(x.shape[1], dtype=torch.float32))
+
+
+# --------------------------------------------------------------------------------------
+# gpu_report job protocol (kvlock_kernels.tools.gpu_report)
+# --------------------------------------------------------------------------------------
+def gpu_report_jobs(arch: int, all_configs: bool) -> list[tuple]:
+    """One job per input dtype (bf16 by default; fp16 and fp32 with all_configs).  The
+    kernel has no head dim (reported as 0)."""
+    dtypes = ("bf16", "fp16", "fp32") if all_configs else ("bf16",)
+    return [("branch_variance", __name__, "gpu_report_spec", arch, dt, 0, LAUNCH_CONFIG) for dt in dtypes]
+
+
+def gpu_report_spec(arch: int, dtype_name: str, head_dim: int, config) -> dict:
+    """What gpu_report compiles: the masked variant, specialised as the JIT does at Wan
+    shapes (strides and the position count are multiples of 16)."""
+    block, warps = config
+    types = dict(X="*" + dtype_name, MASK="*u8", VAR="*fp32", PART_SUM="*fp32", PART_CNT="*fp32",
+                 inv_preds="fp32", inv_dof="fp32", inv_channels="fp32")
+    return dict(fn=_branch_variance_kernel, const=dict(HAS_MASK=True, BLOCK=block), types=types, warps=warps,
+                stages=1, pointers=("X", "MASK", "VAR", "PART_SUM", "PART_CNT"), unit_strides=(),
+                divisible=("stride_n", "stride_b", "stride_c", "stride_mask_b", "num_positions"),
+                config=f"B{block}/w{warps}", variant="masked")

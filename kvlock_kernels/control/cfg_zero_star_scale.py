@@ -35,7 +35,7 @@ from ..reference.control import _finalise_scale
 
 __all__ = ["cfg_zero_star_scale"]
 
-# (BLOCK elements per program, num_warps): also what `inspect` compiles.
+# (BLOCK elements per program, num_warps): also what tools/gpu_report compiles.
 LAUNCH_CONFIG = (4096, 8)
 
 
@@ -100,3 +100,21 @@ def _cfg_zero_star_op(v_cond: torch.Tensor, v_uncond: torch.Tensor, eps: float, 
 @_cfg_zero_star_op.register_fake
 def _(v_cond, v_uncond, eps, backend):
     return v_cond.new_empty(v_cond.shape[0], dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# gpu_report job protocol (kvlock_kernels.tools.gpu_report)
+# --------------------------------------------------------------------------------------
+def gpu_report_jobs(arch: int, all_configs: bool) -> list[tuple]:
+    """One job per input dtype (bf16 by default; fp16 and fp32 with all_configs); no head
+    dim (reported as 0)."""
+    dtypes = ("bf16", "fp16", "fp32") if all_configs else ("bf16",)
+    return [("cfg_zero_star_scale", __name__, "gpu_report_spec", arch, dt, 0, LAUNCH_CONFIG) for dt in dtypes]
+
+
+def gpu_report_spec(arch: int, dtype_name: str, head_dim: int, config) -> dict:
+    block, warps = config
+    types = dict(VC="*" + dtype_name, VU="*" + dtype_name, PART_DOT="*fp32", PART_NORM="*fp32")
+    return dict(fn=_dot_and_norm_kernel, const=dict(BLOCK=block), types=types, warps=warps, stages=1,
+                pointers=tuple(types), unit_strides=(), divisible=("numel_per_sample",),
+                config=f"B{block}/w{warps}")

@@ -43,7 +43,7 @@ from .cfg_zero_star_scale import check_prediction_pair
 
 __all__ = ["kvlock_guidance"]
 
-# (BLOCK elements per program, num_warps): also what `inspect` compiles.
+# (BLOCK elements per program, num_warps): also what tools/gpu_report compiles.
 LAUNCH_CONFIG = (1024, 4)
 
 
@@ -176,3 +176,28 @@ def _(v_cond, v_uncond, omega_t, omega_v, s_star, latents, sigma_t, sigma_v, bac
     x0 = torch.empty_like(latents, memory_format=torch.contiguous_format) if latents is not None \
         else v_cond.new_empty(0)
     return torch.empty_like(v_cond, memory_format=torch.contiguous_format), x0
+
+
+# --------------------------------------------------------------------------------------
+# gpu_report job protocol (kvlock_kernels.tools.gpu_report)
+# --------------------------------------------------------------------------------------
+def gpu_report_jobs(arch: int, all_configs: bool) -> list[tuple]:
+    """One job per dtype (bf16 by default; fp16 and fp32 with all_configs); no head dim
+    (reported as 0)."""
+    dtypes = ("bf16", "fp16", "fp32") if all_configs else ("bf16",)
+    return [("kvlock_guidance", __name__, "gpu_report_spec", arch, dt, 0, LAUNCH_CONFIG) for dt in dtypes]
+
+
+def gpu_report_spec(arch: int, dtype_name: str, head_dim: int, config) -> dict:
+    """The fullest variant: device omega, s* and sigma (per-sample strides not assumed
+    aligned: a (B,) view may have any stride), and the x0 output."""
+    block, warps = config
+    ptr = "*" + dtype_name
+    types = dict(VC=ptr, VU=ptr, LAT=ptr, GUIDED=ptr, X0=ptr, OMEGA_PTR="*fp32", S_PTR="*fp32",
+                 SIGMA_PTR="*fp32", omega_value="fp32", sigma_value="fp32")
+    const = dict(OMEGA_IS_TENSOR=True, HAS_S=True, SIGMA_IS_TENSOR=True, WITH_X0=True, BLOCK=block,
+                 INTERPRET=False)
+    return dict(fn=_guidance_kernel, const=const, types=types, warps=warps, stages=1,
+                pointers=("VC", "VU", "LAT", "GUIDED", "X0", "OMEGA_PTR", "S_PTR", "SIGMA_PTR"),
+                unit_strides=(), divisible=("numel_per_sample",), config=f"B{block}/w{warps}",
+                variant="tensor controls + x0")

@@ -83,7 +83,10 @@ class KVLockScheduler:
         tau = check_real("tau", tau, low=0.0, low_open=True)
         omega0 = check_real("omega0", omega0, low=0.0)
         omega_lower = check_real("omega_lower", omega_lower, low=0.0)
-        b = check_real("b", b, low=omega_lower)
+        b = check_real("b", b)
+        if b < omega_lower:
+            raise ValueError(f"b must be >= omega_lower ({omega_lower:g}): the bounds of omega / omega0 are "
+                             f"[omega_lower, b], got b={b:g}, omega_lower={omega_lower:g}")
         alpha_pre = check_real("alpha_pre", alpha_pre, low=0.0, high=1.0)
         if device is not None and not isinstance(device, (str, torch.device)):
             raise TypeError(f"device must be a torch.device, a string or None, got {describe(device)}")

@@ -170,6 +170,11 @@ def _check_args(args) -> None:
         from .masks_io import parse_box
 
         parse_box(args.box)
+    if not os.path.isdir(args.model):
+        if os.path.exists(args.model):
+            raise EditInputError(f"--model {args.model!r} is a file: give a diffusers pipeline folder or a hub id")
+        if not HUB_ID.match(args.model):
+            raise EditInputError(f"--model {args.model!r}: no such folder (and not a hub id of the form owner/name)")
 
 
 def _resolve_device(name: Optional[str]):
@@ -256,7 +261,9 @@ def load_pipeline(model: str, *, dtype: str, vae_dtype: str, device, cpu_offload
         dlogging.disable_progress_bar()
     torch_dtype = {"default": getattr(torch, dtype), "vae": getattr(torch, vae_dtype)}
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, local_files_only=local)
+        with warnings.catch_warnings():  # newer diffusers prefer `dtype`; torch_dtype works on every version
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, local_files_only=local)
     except (OSError, ValueError, TypeError, KeyError, AttributeError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsupportedModelError(f"could not load a pipeline from --model {model!r}: {first}") from None

@@ -592,7 +592,9 @@ class KVLockVideoEditor:
                 row["timestep"] = float(timesteps[k])
             if sigmas is not None and k < len(sigmas) and "sigma" not in row:
                 row["sigma"] = float(sigmas[k])
-            if boundary is not None and "expert" not in row and "timestep" in row:
+            if isinstance(row.get("expert"), (int, float)) and not isinstance(row.get("expert"), bool):
+                row["expert"] = "transformer_2" if int(row["expert"]) == 1 else "transformer"  # the editor's index
+            elif boundary is not None and "expert" not in row and "timestep" in row:
                 row["expert"] = "transformer" if row["timestep"] >= boundary * num_train else "transformer_2"
             out.append({k2: (float(v) if isinstance(v, torch.Tensor) else v) for k2, v in row.items()})
         return out

@@ -15,7 +15,6 @@ over a smooth background) and its mask (white square on black) as video files.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import numpy as np

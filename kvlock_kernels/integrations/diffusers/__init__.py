@@ -1,4 +1,39 @@
-"""KV-Lock inside diffusers video transformers (imported lazily: diffusers is an extra)."""
-from .editor import SUPPORTED_TRANSFORMERS, KVLockController, KVLockEditor, disable_kvlock, enable_kvlock  # noqa: F401
+"""KV-Lock inside diffusers video transformers (imported lazily: diffusers is an extra).
 
-__all__ = ["KVLockController", "KVLockEditor", "SUPPORTED_TRANSFORMERS", "disable_kvlock", "enable_kvlock"]
+Modules: ``plan`` (the immutable per-step plan), ``processors`` (the KV-Lock processors'
+shared math), ``adapters/`` (one file per model family, one table), ``parallel``
+(context parallelism), ``install`` (enable / disable / set_plan), ``editor``
+(KVLockEditor), ``pytest_plugin`` (KV-Lock under diffusers' own test suites).
+"""
+from .adapters import ModelAdapter, adapter_for, adapters, supported_transformers
+from .editor import KVLockEditor
+from .install import disable_kvlock, enable_kvlock, get_plan, is_kvlock_enabled, set_plan
+from .plan import MODES, SOURCE_INDEX, SOURCES, KVLockCall, KVLockPlan
+from .processors import KVLockProcessor
+
+__all__ = [
+    "KVLockCall",
+    "KVLockEditor",
+    "KVLockPlan",
+    "KVLockProcessor",
+    "MODES",
+    "ModelAdapter",
+    "SOURCES",
+    "SOURCE_INDEX",
+    "SUPPORTED_TRANSFORMERS",
+    "adapter_for",
+    "adapters",
+    "disable_kvlock",
+    "enable_kvlock",
+    "get_plan",
+    "is_kvlock_enabled",
+    "set_plan",
+    "supported_transformers",
+]
+
+
+def __getattr__(name):
+    # The supported class names come from the adapter table (importing diffusers on use).
+    if name == "SUPPORTED_TRANSFORMERS":
+        return tuple(supported_transformers())
+    raise AttributeError(name)

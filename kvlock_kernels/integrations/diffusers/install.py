@@ -26,6 +26,7 @@ from typing import Optional
 
 from ..._validate import check_choice, describe
 from .adapters import adapter_for
+from .parallel import check_servable
 from .plan import SOURCE_INDEX, KVLockCall, KVLockPlan
 from .processors import KVLockProcessor
 
@@ -117,8 +118,6 @@ def _check_call(transformer, install: _Install, hidden_states) -> None:
     first = install.processors[0] if install.processors else None
     pc = getattr(first, "_parallel_config", None)
     cp = None if pc is None else getattr(pc, "context_parallel_config", None)
-    from .parallel import check_servable
-
     check_servable(cp, family=adapter.family, supports_cp=adapter.supports_context_parallel,
                    attention=install.attention, processor_backend=getattr(first, "_attention_backend", None),
                    heads=install.heads)

@@ -111,9 +111,6 @@ class KVLockPlan:
                     "source='branch' needs batch_size: batch entry SOURCE_INDEX=0 of every call must be the source "
                     "branch the caller put there, and batch_size says which batch that is (a stock pipeline's "
                     "[uncond, cond] batch has no source branch)")
-            if self.batch_size < 2:
-                raise ValueError(f"source='branch' needs batch_size >= 2 (the source and at least one target), "
-                                 f"got {self.batch_size}")
         elif self.cache is None:
             raise ValueError("source='cache' needs a KVRingBuffer in cache holding the captured source K/V")
 

@@ -28,10 +28,7 @@ from ...attention.kv_lock_attention import kv_lock_attention
 from . import parallel
 from .plan import SOURCE_INDEX, KVLockPlan
 
-try:  # engineer B's fused epilogue op; its PyTorch path is the reference below
-    from ...attention.epilogue import qkv_epilogue as _qkv_epilogue_op
-except ImportError:  # pragma: no cover - only while the op is not built yet
-    _qkv_epilogue_op = None
+from ...attention.epilogue import qkv_epilogue as _qkv_epilogue_op
 
 __all__ = ["KVLockProcessor", "NormSpec", "norm_spec", "epilogue"]
 
@@ -83,11 +80,8 @@ def epilogue(q, k, v, *, heads: int, norm_q: NormSpec, norm_k: NormSpec, rope: s
     kwargs = dict(heads=heads, norm=norm_q.kind, norm_q_weight=norm_q.weight, norm_q_bias=norm_q.bias,
                   norm_k_weight=norm_k.weight, norm_k_bias=norm_k.bias, norm_eps=norm_q.eps, rope=rope,
                   rope_cos=cos, rope_sin=sin, lock=lock, k_src=k_src, v_src=v_src, source_index=source_index)
-    if _qkv_epilogue_op is not None:
-        return _qkv_epilogue_op(q, k, v, backend=_epilogue_backend(q, backend), **kwargs)
-    from ...reference.epilogue import qkv_epilogue as reference_epilogue  # pragma: no cover
-
-    return reference_epilogue(q, k, v, **kwargs)  # pragma: no cover
+    # Lock weights are built in [0, 1] by the plan: no per-layer host read of them.
+    return _qkv_epilogue_op(q, k, v, backend=_epilogue_backend(q, backend), check_inputs=False, **kwargs)
 
 
 class KVLockProcessor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..._validate import describe
+from ...._validate import describe
 from .base import LoopContext, ModelAdapter
 
 __all__ = ["ADAPTER_MODULES", "ModelAdapter", "LoopContext", "adapters", "adapter_for", "supported_transformers"]

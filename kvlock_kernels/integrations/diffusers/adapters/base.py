@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ..._validate import describe
+from ...._validate import describe
 
 __all__ = ["ModelAdapter", "LoopContext"]
 
