@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from kvlock_kernels import merge_attention_states, reference
+from kvlock_kernels import merge_attention_states
+
+from .merge import eager_merge
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -17,6 +19,6 @@ def test_merge_attention_states(benchmark, provider):
     a, b = (torch.randn(B, S, H, D, generator=g).to(DEVICE, torch.bfloat16) for _ in range(2))
     la, lb = (torch.randn(B, H, S, generator=g).to(DEVICE) for _ in range(2))
     fn = (lambda: merge_attention_states(a, la, b, lb, backend="triton")) if provider == "kvlock_triton" \
-        else (lambda: reference.merge_attention_states(a, la, b, lb))
+        else (lambda: eager_merge(a, la, b, lb))
     benchmark.group = f"merge_attention_states B{B} S{S} H{H} D{D}"
     benchmark.pedantic(fn, rounds=5, warmup_rounds=1)

@@ -49,7 +49,9 @@ def describe(value) -> str:
     the value itself for short scalars and strings)."""
     if isinstance(value, torch.Tensor):
         return f"a {_dtype_name(value.dtype)} tensor of shape {tuple(value.shape)} on {value.device}"
-    if isinstance(value, (bool, numbers.Number, str)) or value is None:
+    if value is None:
+        return "None"
+    if isinstance(value, (bool, numbers.Number, str)):
         text = repr(value)
         return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
     return type(value).__name__

@@ -115,8 +115,8 @@ class KVLockScheduler:
 
         Unless given: ``kappa = round(0.4 * num_steps)`` (SPEC: 20 of 50, the last 40 %)
         and ``window = max(2, round(0.2 * num_steps))`` (SPEC: 10 of 50, 20 %), so 50 steps
-        give exactly kappa 20 and window 10; ``round`` is Python's (halves to even).  Other
-        keyword arguments go to the constructor.
+        give exactly kappa 20 and window 10 (``round`` to the nearest int: no ties arise for
+        integer step counts).  Other keyword arguments go to the constructor.
 
         When no step can take its controls from sigma2 (no step k in the last kappa steps
         with k >= window: e.g. fewer than 3 steps with the scaled defaults), it warns
