@@ -202,6 +202,13 @@ def test_clear():
     (lambda b: b.get((9, 0)), KeyError, r"key \(9, 0\) is not in the ring buffer"),
     (lambda b: b.prefetch([(0, 0), (9, 0)]), KeyError, r"\(9, 0\)"),
     (lambda b: b.put((9, 0), "k", "v"), TypeError, "k must be a torch.Tensor"),
+    (lambda b: b.put((9, 0), kv(0)[0], None), TypeError, "v must be a torch.Tensor"),
+    (lambda b: b.put((2 ** 63, 0), *kv(0)), rb.KeyRangeError, r"step must fit in int64"),
+    (lambda b: b.get((0, -(2 ** 63) - 1)), KeyError, r"layer must fit in int64"),
+    (lambda b: b.prefetch([(0, 0), (1, 2 ** 64)]), TypeError, r"layer must fit in int64"),
+    (lambda b: b.prefetch([(0, 0), (1, 0.5)]), TypeError, r"key must be a \(step, layer\) tuple"),
+    (lambda b: b.pop((9, 0)), KeyError, r"key \(9, 0\) is not in the ring buffer"),
+    (lambda b: b.discard((9, 0)), KeyError, r"key \(9, 0\) is not in the ring buffer"),
 ])
 def test_bad_input_leaves_table_intact(call, exc, msg):
     buf = KVRingBuffer(2, SLOT, torch.bfloat16, "cpu", host_spill=True)
