@@ -22,7 +22,7 @@ import sys as _sys
 from . import reference
 from .attention.kv_lock_attention import kv_lock_attention
 from .attention.merge_attention_states import merge_attention_states
-from .cache.ring_buffer import KVRingBuffer
+from .cache.ring_buffer import KeyRangeError, KVRingBuffer
 from .control import masks
 from .control.branch_variance import branch_variance
 from .control.cfg_zero_star_scale import cfg_zero_star_scale
@@ -44,6 +44,7 @@ __version__ = "0.2.0"
 __all__ = [
     "KVLockScheduler",
     "KVRingBuffer",
+    "KeyRangeError",
     "branch_variance",
     "cfg_zero_star_scale",
     "kv_lock_attention",
