@@ -156,7 +156,12 @@ def blend_section(device, peaks, repeats, quick):
     kwargs = dict(device=device, peaks=peaks, repeats=repeats, quick=quick)
     section = _first(mod, "section")
     if section is not None:
-        res = _call(section, **kwargs) or {}
+        try:
+            res = _call(section, **kwargs) or {}
+        except Exception as e:  # a failing section is a result (a failed check), not a crash
+            why = f"benchmarks.blend.section failed: {type(e).__name__}: {e}"[:300]
+            out["checks"].append(dict(op="blend", case="section", ok=False, detail=why))
+            return out
         for key in ("checks", "rows", "model"):
             out[key] = list(res.get(key, []))
         out["text"] = res.get("text", "")
@@ -187,6 +192,24 @@ def _generic_table(rows):
         cells = [(format(r[k], ".4g") if isinstance(r.get(k), float) else str(r.get(k, ""))) for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def print_blend(blend, unit):
+    """The blend section's checks, rows and bytes model in the harness's formats."""
+    for c in blend["checks"]:
+        print(f"- {c.get('op')} [{c.get('case')}]: {c.get('detail')}: {'PASS' if c.get('ok') else 'FAIL'}")
+    rows = blend["rows"]
+    harness_format = all(isinstance(r, dict) and {"shape", "provider", "status"} <= set(r)
+                         and (r["status"] != "ok" or {"median_ms", "min_ms", "max_ms"} <= set(r)) for r in rows)
+    if rows and harness_format:
+        print_rows("lock_kv / qkv_epilogue", rows, unit,
+                   [("GB/s (model)", "gbps", ".1f"), ("% roofline", "roofline_pct", ".1f"),
+                    ("vs eager", "vs_eager", ".2f"), ("bytes model eager/fused", "model_ratio", ".2f")])
+    elif rows:
+        print("\n" + _generic_table(rows))
+    if blend["model"]:
+        print("\n### bytes model\n")
+        print(_generic_table(blend["model"]))
 
 
 def print_paths(rows, notes, unit, cuda):
@@ -287,7 +310,7 @@ def main(argv=None) -> int:
           f"triton {triton.__version__}, commit {report['git_commit'][:12]}")
     if not HAS_CUDA:
         print("\nNo GPU: times below are CPU times of the PyTorch paths and say nothing about GPU speed. The Triton "
-              "kernels are checked through the interpreter; the bytes model and the static report are the GPU "
+              "kernels are checked through the interpreter; the model section and the static report are the GPU "
               "prediction.")
     elif peaks is None:
         print(f"\n(no roofline entry for {dev_name}: percent of roofline is left out)")
@@ -327,21 +350,14 @@ def main(argv=None) -> int:
         blend = blend_section(device, peaks, repeats, args.quick)
         report["blend"] = blend
         report["checks"] += blend["checks"]
-        report["rows"] += blend["rows"]
+        report["rows"] += [r for r in blend["rows"] if isinstance(r, dict) and {"op", "status"} <= set(r)]
         print("\n## blend ops: lock_kv and qkv_epilogue (benchmarks/blend.py)\n")
-        for c in blend["checks"]:
-            print(f"- {c.get('op')} [{c.get('case')}]: {c.get('detail')}: {'PASS' if c.get('ok') else 'FAIL'}")
         for why in blend["unavailable"]:
             print(f"- unavailable: {why}")
-        if blend["rows"]:
-            print_rows("lock_kv / qkv_epilogue", blend["rows"], unit,
-                       [("GB/s (model)", "gbps", ".1f"), ("% roofline", "roofline_pct", ".1f"),
-                        ("vs eager", "vs_eager", ".2f"), ("bytes model eager/fused", "model_ratio", ".2f")])
-        if blend["model"]:
-            print("\n### bytes model\n")
-            print(_generic_table(blend["model"]))
-        if blend["text"]:
-            print("\n" + blend["text"])
+        if blend["text"]:  # the section formats its own checks and tables
+            print(blend["text"])
+        else:
+            print_blend(blend, unit)
 
     if "model" in ops:
         result = perf_model.run()

@@ -225,8 +225,9 @@ def path_rows(shapes, alphas, device, peaks, repeats, *, fg=0.3, dtype=torch.bfl
                           modelled_ms=route.modelled_ms if cuda else None, why=route.why, blend=blend_label))
         bm, bn, _ = routing.fused_blocks(D, dtype, max(prof.arch, 80) if cuda else 90)
         dims = (B, S, S, H, H, D, dtype)
+        base = make_attention_inputs(shape, dtype, device, fg_fraction=fg, alpha=1.0, mask="moving")
         for alpha in alphas:
-            inputs = make_attention_inputs(shape, dtype, device, fg_fraction=fg, alpha=alpha, mask="moving")
+            inputs = base[:5] + (base[5] * alpha,)  # the same tensors, the lock at this alpha
             classes = block_classes(inputs[5].expand(B, -1), bn)
             blended = sum(c["const"] + c["mixed"] for c in classes) / B
             group = []
