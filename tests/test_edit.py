@@ -20,7 +20,12 @@ pytest.importorskip("imageio_ffmpeg")
 
 from kvlock_kernels.edit import EditInputError, KVLockVideoEditor, UnsupportedModelError, read_video  # noqa: E402
 from kvlock_kernels.edit.cli import main  # noqa: E402
-from kvlock_kernels.edit.testing import build_tiny_wan, synthetic_clip, write_clip  # noqa: E402
+from kvlock_kernels.edit.testing import (  # noqa: E402
+    build_tiny_cogvideox,
+    build_tiny_wan,
+    synthetic_clip,
+    write_clip,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # In-process runs take the PyTorch paths (conftest turns on the Triton interpreter, which is
@@ -51,9 +56,12 @@ def models(root):
     made = {}
 
     def get(kind):
+        if kind == "cogvideox" and kind not in made:
+            made[kind] = build_tiny_cogvideox(str(root / kind))
         if kind not in made:
             layout, sched = {"wan21": ("wan2.1", "unipc"), "euler": ("wan2.1", "euler"),
-                             "wan22": ("wan2.2", "unipc"), "ddim": ("wan2.1", "ddim")}[kind]
+                             "wan22": ("wan2.2", "unipc"), "ti2v": ("wan2.2-ti2v", "unipc"),
+                             "ddim": ("wan2.1", "ddim")}[kind]
             made[kind] = build_tiny_wan(str(root / kind), layout=layout, scheduler=sched)
         return made[kind]
 
@@ -84,7 +92,7 @@ def test_edit_end_to_end(models, clip, root, capsys):
     assert compare.frames.shape[0] == 9 and compare.frames.shape[2] > 3 * 48
     assert (root / "wan21" / "edited_schedule.png").stat().st_size > 5000
     rep = _report(root / "wan21" / "edited_report.json")
-    for key in ("arguments", "model", "geometry", "mask", "schedule", "trace", "timings_s", "peak_memory",
+    for key in ("arguments", "model", "geometry", "mask", "schedule", "trace", "timings", "peak_memory",
                 "fidelity", "output"):
         assert key in rep, key
     assert rep["arguments"]["prompt"] == "a red ball" and rep["arguments"]["steps"] == 4
@@ -97,11 +105,12 @@ def test_edit_end_to_end(models, clip, root, capsys):
     assert rep["trace"][0]["sigma2"] is None  # undefined before the window fills (NaN -> null)
     assert rep["schedule"]["kappa"] == round(0.4 * 4) and rep["schedule"]["activates"]
     for phase in ("read", "load", "encode", "edit", "decode", "write", "total"):
-        assert rep["timings_s"][phase] >= 0.0
+        assert rep["timings"][phase] >= 0.0
     assert rep["peak_memory"]["host_max_rss_bytes"] > 0
     bg, fg = rep["fidelity"]["background"], rep["fidelity"]["foreground"]
     assert math.isfinite(bg["psnr"]) and 0 < bg["psnr"] < 100 and -1 <= bg["ssim"] <= 1
     assert fg["mean_abs_diff"] > 0 and 0 < rep["mask"]["foreground_fraction"] < 1
+    assert rep["fidelity"]["background_psnr"] == bg["psnr"] and rep["fidelity"]["foreground_psnr"] == fg["psnr"]
 
 
 def test_console_script_subprocess_folder_and_image_mask(models, root):
@@ -149,6 +158,51 @@ def test_wan22_two_experts(models, clip, root, capsys):
     assert read_video(str(out)).frames.shape == (9, 32, 48, 3)
 
 
+def test_wan22_ti2v_layout(models, root, capsys):
+    """Wan2.2 TI2V-5B layout: 48-channel latents, a 16x VAE with patchify (sizes multiples of 32),
+    per-token timesteps (expand_timesteps)."""
+    write_clip(str(root / "in64.mp4"), str(root / "mask64.mp4"), frames=9, height=70, width=64, fps=16)
+    out = root / "ti2v" / "edited.mp4"
+    rc, _, err = _run(capsys, "--model", models("ti2v"), "--video", root / "in64.mp4", "--mask", root / "mask64.mp4",
+                      "--prompt", "a red ball", "--out", out, *FAST)
+    if not _editor_has("expand_timesteps"):
+        assert rc == 2 and "expand_timesteps" in err
+        pytest.skip("this build's KVLockEditor does not run per-token timesteps: refused with a clear message")
+    assert rc == 0, err
+    assert "multiples of 32x32" in err
+    assert read_video(str(out)).frames.shape == (9, 64, 64, 3)
+    rep = _report(root / "ti2v" / "edited_report.json")
+    assert rep["model"]["expand_timesteps"] and rep["model"]["latent_channels"] == 48
+
+
+def test_cogvideox_text_to_video(models, clip, root, capsys):
+    """CogVideoX: VAE scaling_factor, the pipeline's rotary embeddings, its v-prediction DDIM scheduler."""
+    out = root / "cogvideox" / "edited.mp4"
+    rc, _, err = _run(capsys, "--model", models("cogvideox"), "--video", clip["video"], "--mask", clip["mask"],
+                      "--prompt", "a red ball", "--out", out, "--steps", "4", "--backend", "torch", "--quiet")
+    assert rc == 0, err
+    assert read_video(str(out)).frames.shape == (9, 32, 48, 3)
+    rep = _report(root / "cogvideox" / "edited_report.json")
+    assert rep["model"]["family"] == "cogvideox" and rep["model"]["prediction"] == "v_prediction"
+    assert rep["model"]["vae_normalisation"] == "scaling_factor" and len(rep["trace"]) == 4
+    assert math.isfinite(rep["fidelity"]["background_psnr"])
+    rc, _, err = _run(capsys, "--model", models("cogvideox"), "--video", clip["video"], "--mask", clip["mask"],
+                      "--prompt", "x", "--out", out, "--max-sequence-length", "20", *FAST[:4])
+    assert rc == 2 and "takes exactly 16 text tokens" in err
+
+
+def test_refuses_image_conditioned_checkpoints(models):
+    """A Wan transformer with conditioning channels (I2V: 16 + 20) is refused before any work."""
+    from diffusers import DiffusionPipeline, WanTransformer3DModel
+
+    pipe = DiffusionPipeline.from_pretrained(models("wan21"), local_files_only=True)
+    pipe.transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                             in_channels=36, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32,
+                                             num_layers=1)
+    with pytest.raises(UnsupportedModelError, match="36 input channels"):
+        KVLockVideoEditor.from_pipe(pipe)
+
+
 def test_inversion_source(models, clip, root, capsys):
     out = root / "inv" / "edited.mp4"
     rc, _, err = _run(capsys, "--model", models("wan21"), "--video", clip["video"], "--box", "16,12,40,30",
@@ -172,7 +226,7 @@ def test_python_api(models, clip):
     assert result.latents.shape == (1, 16, 3, 4, 6) and tuple(result.latent_mask.shape) == (3, 4, 6)
     assert len(result.trace) == 3 and set(result.timings) >= {"prepare", "encode", "edit", "decode"}
     assert math.isfinite(result.fidelity["background"]["psnr"])
-    frames = editor(torch.from_numpy(video), torch.from_numpy(mask), "a red ball", num_steps=3, seed=0,
+    frames = editor(torch.from_numpy(video), torch.from_numpy(mask), "a red ball", num_inference_steps=3, seed=0,
                     max_sequence_length=16, output_type="uint8")
     assert np.array_equal(frames, result.edited)  # same seed, same edit; tensors accepted
     with pytest.raises(EditInputError, match="prompt"):

@@ -170,6 +170,10 @@ def test_plan_trims_to_4k_plus_1_and_multiples_of_16():
     assert (p.height, p.width) == (96, 64)
     with pytest.raises(EditInputError):
         plan_fit(9, 40, 56, c, frames=0)
+    cog15 = ModelConstraints(latent_frame_multiple=2, patch=(2, 2, 2))  # CogVideoX 1.5: patch_size_t = 2
+    assert [plan_fit(n, 32, 32, cog15).frames for n in (5, 9, 12, 13)] == [5, 5, 5, 13]
+    with pytest.raises(EditInputError, match="at least 5 frames"):
+        plan_fit(4, 32, 32, cog15)
 
 
 def test_video_and_mask_are_cropped_identically():

@@ -32,8 +32,8 @@ DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp1
 OUT_EXTENSIONS = (".mp4", ".mkv", ".mov", ".webm", ".gif")
 # Transformer classes whose checkpoints the edit loop runs (the adapters of kvlock_kernels.diffusers
 # decide the rest after loading).
-KNOWN_TRANSFORMERS = ("WanTransformer3DModel",)
-KNOWN_VAES = ("AutoencoderKLWan",)
+KNOWN_TRANSFORMERS = ("WanTransformer3DModel", "CogVideoXTransformer3DModel")
+KNOWN_VAES = ("AutoencoderKLWan", "AutoencoderKLCogVideoX")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tau", type=_positive_float, help="variance scale of the schedule (default 0.01)")
     e.add_argument("--flow-shift", type=_positive_float, help="override the scheduler's flow shift (Wan: 3.0 "
                    "for 480p, 5.0 for 720p)")
-    e.add_argument("--max-sequence-length", type=_positive_int, default=512, help="text tokens (default 512)")
+    e.add_argument("--max-sequence-length", type=_positive_int, help="text tokens (default: the pipeline's, "
+                   "Wan 512, CogVideoX 226)")
     g = p.add_argument_group("geometry and mask")
     g.add_argument("--height", type=_positive_int, help="output height (rounded down to the model's multiple; "
                    "default: the source's)")
@@ -218,8 +219,9 @@ def _precheck_folder(model: str) -> dict:
     if transformer not in KNOWN_TRANSFORMERS or vae not in KNOWN_VAES:
         raise UnsupportedModelError(
             f"--model {model!r} is a {cls} (transformer {transformer}, VAE {vae}), not a supported pipeline: "
-            f"kvlock-edit runs Wan text-to-video checkpoints ({', '.join(KNOWN_TRANSFORMERS)} with "
-            f"{', '.join(KNOWN_VAES)}: Wan2.1 T2V 1.3B / 14B, Wan2.2 T2V A14B)")
+            "kvlock-edit runs Wan text-to-video checkpoints (WanTransformer3DModel with AutoencoderKLWan: Wan2.1 "
+            "T2V 1.3B / 14B, Wan2.2 T2V A14B and TI2V-5B) and CogVideoX text-to-video (CogVideoXTransformer3DModel "
+            "with AutoencoderKLCogVideoX)")
     return info
 
 
@@ -233,10 +235,11 @@ def constraints_from_folder(model: str):
         tr = _read_json(os.path.join(model, sub, "config.json"))
     except EditInputError:
         return None
-    t, s = int(vae.get("scale_factor_temporal") or 4), int(vae.get("scale_factor_spatial") or 8)
-    patch = tuple(int(x) for x in tr.get("patch_size", (1, 2, 2)))
-    return ModelConstraints(temporal=t, multiple_h=s * patch[1], multiple_w=s * patch[2], vae_stride=(t, s, s),
-                            patch=patch)
+    if "temporal_compression_ratio" in vae:  # AutoencoderKLCogVideoX
+        t, s = int(vae["temporal_compression_ratio"]), 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+    else:  # AutoencoderKLWan
+        t, s = int(vae.get("scale_factor_temporal") or 4), int(vae.get("scale_factor_spatial") or 8)
+    return ModelConstraints.from_configs(t, s, tr)
 
 
 def load_pipeline(model: str, *, dtype: str, vae_dtype: str, device, cpu_offload: bool = False, quiet: bool = False):
@@ -259,6 +262,12 @@ def load_pipeline(model: str, *, dtype: str, vae_dtype: str, device, cpu_offload
             from None
     if quiet:
         dlogging.disable_progress_bar()
+        try:
+            from transformers.utils import logging as tlogging
+
+            tlogging.disable_progress_bar()
+        except ImportError:  # pragma: no cover - transformers comes with the extra
+            pass
     torch_dtype = {"default": getattr(torch, dtype), "vae": getattr(torch, vae_dtype)}
     try:
         with warnings.catch_warnings():  # newer diffusers prefer `dtype`; torch_dtype works on every version
@@ -344,7 +353,10 @@ def run(args) -> int:
                          cpu_offload=args.cpu_offload, quiet=args.quiet)
     if args.flow_shift is not None:
         cfg = pipe.scheduler.config
-        key = "flow_shift" if "flow_shift" in cfg else "shift"
+        key = "flow_shift" if "flow_shift" in cfg else "shift" if "shift" in cfg else None
+        if key is None:
+            raise EditInputError(f"--flow-shift applies to flow-matching schedulers; this checkpoint's "
+                                 f"{type(pipe.scheduler).__name__} has no shift")
         pipe.scheduler = type(pipe.scheduler).from_config(cfg, **{key: args.flow_shift})
     editor = KVLockVideoEditor.from_pipe(pipe, source=args.source, backend=args.backend, progress=progress,
                                          vae_tiling=args.vae_tiling)
@@ -386,9 +398,9 @@ def run(args) -> int:
         "mask": result.fidelity.get("mask", {}),
         "schedule": result.schedule,
         "trace": result.trace,
-        "timings_s": timings,
+        "timings": timings,
         "peak_memory": _peak_memory(device),
-        "fidelity": {k: v for k, v in result.fidelity.items() if k != "mask"},
+        "fidelity": _fidelity_block(result.fidelity),
         "notes": notes,
         "warnings": result.warnings,
     }
@@ -404,6 +416,15 @@ def run(args) -> int:
           f"{fmt(fg.get('psnr'), ' dB')}, mean |change| {fmt(fg.get('mean_abs_diff'))}")
     print(f"{PROG}: time " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
     return 0
+
+
+def _fidelity_block(fid: dict) -> dict:
+    """The metrics per region, and the headline numbers flat beside them."""
+    out = {k: v for k, v in fid.items() if k != "mask"}
+    bg, fg = out.get("background", {}), out.get("foreground", {})
+    out.update(background_psnr=bg.get("psnr"), background_ssim=bg.get("ssim"), foreground_psnr=fg.get("psnr"),
+               foreground_ssim=fg.get("ssim"), foreground_mean_abs_diff=fg.get("mean_abs_diff"))
+    return out
 
 
 def _version() -> str:

@@ -8,7 +8,9 @@ requested ``frames`` / ``height`` / ``width``, and the plan is applied identical
 video and to the mask:
 
 1. **Frames**: take the first ``frames`` frames (default: all of them; never more than
-   the source has), then drop trailing frames down to the largest ``1 + t*k`` count.
+   the source has), then drop trailing frames down to the largest ``1 + t*k`` count (and,
+   for a transformer that patchifies time, e.g. CogVideoX 1.5's ``patch_size_t = 2``,
+   down to a latent frame count ``k + 1`` that is a multiple of it).
    Nothing is resampled in time: the output keeps the source's frame rate.
 2. **Target size**: ``height`` x ``width`` when both are given; one of them given: the
    other follows the source's aspect ratio; neither: the source's size.  Each is then
@@ -46,6 +48,7 @@ class ModelConstraints:
             (VAE spatial factor times the transformer's patch size).
         vae_stride: (temporal, spatial, spatial) compression of the VAE, pixels -> latents.
         patch: the transformer's (pt, ph, pw) patch size, latents -> tokens.
+        latent_frame_multiple: latent frames must be a multiple of this (the temporal patch pt).
     """
 
     temporal: int = 4
@@ -53,6 +56,7 @@ class ModelConstraints:
     multiple_w: int = 16
     vae_stride: tuple = (4, 8, 8)
     patch: tuple = (1, 2, 2)
+    latent_frame_multiple: int = 1
 
     @classmethod
     def from_pipe(cls, pipe) -> "ModelConstraints":
@@ -63,9 +67,23 @@ class ModelConstraints:
         spatial = int(getattr(pipe, "vae_scale_factor_spatial", None)
                       or getattr(vae.config, "scale_factor_spatial", None) or 8)
         transformer = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.transformer_2
-        patch = tuple(int(p) for p in getattr(transformer.config, "patch_size", (1, 2, 2)))
-        return cls(temporal=temporal, multiple_h=spatial * patch[1], multiple_w=spatial * patch[2],
-                   vae_stride=(temporal, spatial, spatial), patch=patch)
+        return cls.from_configs(temporal, spatial, transformer.config)
+
+    @classmethod
+    def from_configs(cls, temporal: int, spatial: int, transformer_config) -> "ModelConstraints":
+        """From the VAE's temporal / spatial factors and the transformer's config (``patch_size``
+        as Wan's (pt, ph, pw) or CogVideoX's int with ``patch_size_t``)."""
+        get = transformer_config.get if hasattr(transformer_config, "get") else (
+            lambda k, d=None: getattr(transformer_config, k, d))
+        p = get("patch_size", (1, 2, 2))
+        if isinstance(p, (list, tuple)):
+            patch = tuple(int(x) for x in p)
+        else:
+            pt = get("patch_size_t", None)
+            patch = (int(pt) if pt else 1, int(p), int(p))
+        return cls(temporal=int(temporal), multiple_h=int(spatial) * patch[1], multiple_w=int(spatial) * patch[2],
+                   vae_stride=(int(temporal), int(spatial), int(spatial)), patch=patch,
+                   latent_frame_multiple=patch[0])
 
 
 @dataclass(frozen=True)
@@ -168,9 +186,17 @@ def plan_fit(source_frames: int, source_height: int, source_width: int, constrai
     if wanted > source_frames:
         notes.append(f"{wanted} frames were asked for but the video has {source_frames}: using {source_frames}")
         wanted = source_frames
-    n = 1 + c.temporal * ((wanted - 1) // c.temporal)
+    latent = 1 + (wanted - 1) // c.temporal
+    latent -= latent % c.latent_frame_multiple
+    if latent < 1:
+        need = 1 + c.temporal * (c.latent_frame_multiple - 1)
+        raise EditInputError(f"the model needs at least {need} frames (its latent frame count must be a multiple "
+                             f"of {c.latent_frame_multiple}); the video gives {wanted}")
+    n = 1 + c.temporal * (latent - 1)
     if n != source_frames:
-        why = f"; the model takes 1 + {c.temporal}k frames" if n != wanted else ""
+        rule = f"1 + {c.temporal}k frames" + (f" with k + 1 a multiple of {c.latent_frame_multiple}"
+                                              if c.latent_frame_multiple > 1 else "")
+        why = f"; the model takes {rule}" if n != wanted else ""
         notes.append(f"kept frames 0-{n - 1} of {source_frames}{why}")
     # 2. target size
     aspect = source_width / source_height

@@ -75,6 +75,7 @@ def write_comparison(path: str, source, mask, edited, fps: float, labels: Sequen
     if path.lower().endswith(".png"):
         from PIL import Image
 
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         Image.fromarray(frames[len(frames) // 2]).save(path)
         return path
     return write_video(path, frames, fps)
@@ -117,6 +118,7 @@ def plot_schedule(path: str, trace: List[dict], schedule: dict, *, title: Option
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -25,12 +25,19 @@ What one edit does (``KVLockVideoEditor.edit``):
 4. **decode**: ``z * std + mean``, ``vae.decode``, back to 8-bit RGB; then background PSNR /
    SSIM and the foreground change (``metrics``).
 
-Supported: pipelines with a Wan VAE (``latents_mean`` / ``latents_std``), an ``encode_prompt``
-and a text-to-video transformer the editor runs (Wan2.1 T2V 1.3B / 14B, Wan2.2 T2V A14B;
-``WanPipeline`` and ``WanVideoToVideoPipeline`` checkpoints).  The scheduler must be flow
-matching: ``FlowMatchEulerDiscreteScheduler`` or a multistep solver with
-``prediction_type="flow_prediction"`` and ``use_flow_sigmas=True`` (Wan's UniPC with
-``flow_shift``).  Anything else raises ``UnsupportedModelError`` before any work is done.
+Supported (the families of ``kvlock_kernels.diffusers`` whose loop kvlock-edit runs whole):
+
+- **Wan** text-to-video (``WanPipeline`` / ``WanVideoToVideoPipeline`` checkpoints): Wan2.1 T2V
+  1.3B / 14B, Wan2.2 T2V A14B (two experts), Wan2.2 TI2V-5B in text-to-video mode
+  (``expand_timesteps``).  Scheduler: flow matching, ``FlowMatchEulerDiscreteScheduler`` or a
+  multistep solver with ``prediction_type="flow_prediction"`` and ``use_flow_sigmas=True``
+  (Wan's UniPC with ``flow_shift``); anything else is refused.
+- **CogVideoX** text-to-video: VAE ``scaling_factor``, the pipeline's rotary embeddings, and
+  its DDPM v-prediction scheduler (``CogVideoXDDIMScheduler`` / ``CogVideoXDPMScheduler``).
+
+Refused with ``UnsupportedModelError`` before any work is done: other pipelines,
+image-conditioned checkpoints (I2V, VACE), HunyuanVideo (guidance-distilled), a scheduler
+that does not fit the family's loop.
 """
 from __future__ import annotations
 
@@ -52,8 +59,8 @@ from .masks_io import box_mask, dilate_mask, fit_mask_to_video, mask_from_array,
 from .metrics import fidelity as fidelity_metrics
 from .video_io import DEFAULT_FPS, Video, read_video
 
-__all__ = ["KVLockVideoEditor", "EditResult", "check_flow_matching", "check_pipeline", "prepare_inputs", "as_video",
-           "OUTPUT_TYPES"]
+__all__ = ["KVLockVideoEditor", "EditResult", "check_flow_matching", "check_v_prediction", "check_pipeline",
+           "prepare_inputs", "as_video", "OUTPUT_TYPES", "VIDEO_FAMILIES"]
 
 OUTPUT_TYPES = ("np", "uint8", "pt", "pil")
 SOURCES = ("branch", "inversion")
@@ -87,6 +94,19 @@ def check_flow_matching(scheduler) -> str:
         "use_flow_sigmas=True (Wan's UniPCMultistepScheduler)")
 
 
+def check_v_prediction(scheduler) -> str:
+    """Refuse (UnsupportedModelError) a scheduler that is not a DDPM v-prediction one (CogVideoX's loop)."""
+    name = type(scheduler).__name__
+    cfg = getattr(scheduler, "config", {}) or {}
+    prediction = cfg.get("prediction_type", None) if hasattr(cfg, "get") else None
+    if prediction != "v_prediction" or not hasattr(scheduler, "alphas_cumprod"):
+        raise UnsupportedModelError(
+            f"the checkpoint's scheduler {name} (prediction_type={prediction!r}) does not fit CogVideoX's loop: "
+            "KV-Lock runs CogVideoX as a DDPM v-prediction model (CogVideoXDDIMScheduler, CogVideoXDPMScheduler or "
+            "DDIMScheduler with prediction_type='v_prediction', as its checkpoints ship)")
+    return f"{name}(prediction_type='v_prediction')"
+
+
 def _editor_class():
     try:
         from ..diffusers import KVLockEditor
@@ -100,6 +120,22 @@ def _editor_params() -> set:
     return set(inspect.signature(_editor_class().__init__).parameters)
 
 
+def _adapter(transformer):
+    """The integration's adapter for this transformer (its family, loop form), or None."""
+    try:
+        from ..diffusers import adapter_for
+    except ImportError:  # pragma: no cover - an integration without the adapter table
+        return None
+    try:
+        return adapter_for(transformer)
+    except TypeError as e:
+        raise UnsupportedModelError(f"not a supported transformer: {e}") from None
+
+
+# Families whose whole pipeline (VAE normalisation, prompts, the loop) kvlock-edit runs.
+VIDEO_FAMILIES = {"wan": "Wan2.1 / Wan2.2 text-to-video", "cogvideox": "CogVideoX text-to-video"}
+
+
 def check_pipeline(pipe) -> Dict[str, Any]:
     """Refuse (UnsupportedModelError) a pipeline the edit loop cannot run; describe one it can."""
     name = type(pipe).__name__
@@ -109,35 +145,56 @@ def check_pipeline(pipe) -> Dict[str, Any]:
     main = transformer if transformer is not None else transformer_2
     if vae is None or main is None or not callable(getattr(pipe, "encode_prompt", None)):
         raise UnsupportedModelError(f"{name} is not a supported pipeline: kvlock-edit needs a video VAE, a "
-                                    "transformer and encode_prompt (Wan2.1 / Wan2.2 text-to-video checkpoints)")
+                                    "transformer and encode_prompt (Wan2.1 / Wan2.2 text-to-video checkpoints, "
+                                    "CogVideoX text-to-video)")
+    if transformer is None:
+        raise UnsupportedModelError(f"{name} has no high-noise transformer (only transformer_2)")
+    adapter = _adapter(transformer)
+    family = getattr(adapter, "name", None) or ("wan" if type(transformer).__name__ == "WanTransformer3DModel"
+                                                else type(transformer).__name__)
+    if family not in VIDEO_FAMILIES:
+        why = {"wan_vace": "WanVACE needs its control video and reference inputs, which an edit from a mask does not "
+                           "provide",
+               "hunyuan_video": "HunyuanVideo is guidance-distilled (embedded guidance, Llama + CLIP prompts with "
+                                "attention masks); kvlock-edit's CFG loop does not drive it — use "
+                                "kvlock_kernels.diffusers.KVLockEditor with its transformer_kwargs"}.get(family, "")
+        raise UnsupportedModelError(f"{name} with {type(transformer).__name__} is not a supported pipeline for "
+                                    f"kvlock-edit ({', '.join(VIDEO_FAMILIES.values())})" + (f": {why}" if why else ""))
     vcfg = vae.config
-    if getattr(vcfg, "latents_mean", None) is None or getattr(vcfg, "latents_std", None) is None:
-        raise UnsupportedModelError(f"{name}'s VAE {type(vae).__name__} has no latents_mean / latents_std: "
-                                    "kvlock-edit supports Wan-family VAEs (AutoencoderKLWan)")
-    z_dim = int(getattr(vcfg, "z_dim", len(vcfg.latents_mean)))
-    in_ch = getattr(main.config, "in_channels", None)
-    if in_ch is not None and in_ch != z_dim:
+    if family == "wan":
+        if getattr(vcfg, "latents_mean", None) is None or getattr(vcfg, "latents_std", None) is None:
+            raise UnsupportedModelError(f"{name}'s VAE {type(vae).__name__} has no latents_mean / latents_std: "
+                                        "Wan checkpoints ship AutoencoderKLWan")
+        channels = int(getattr(vcfg, "z_dim", len(vcfg.latents_mean)))
+        norm = "latents_mean/latents_std"
+    else:
+        if getattr(vcfg, "scaling_factor", None) is None:
+            raise UnsupportedModelError(f"{name}'s VAE {type(vae).__name__} has no scaling_factor")
+        channels = int(getattr(vcfg, "latent_channels", 16))
+        norm = "scaling_factor"
+    in_ch = getattr(transformer.config, "in_channels", None)
+    if in_ch is not None and in_ch != channels:
         raise UnsupportedModelError(
-            f"{name}'s transformer takes {in_ch} input channels but the VAE makes {z_dim}-channel latents: an "
-            "image-conditioned checkpoint (image-to-video, VACE, animate) needs conditioning inputs the edit loop "
-            "does not provide; use a text-to-video checkpoint")
+            f"{name}'s transformer takes {in_ch} input channels but the VAE makes {channels}-channel latents: an "
+            "image-conditioned checkpoint (image-to-video: its conditioning would pin the first frame of the source, "
+            "which the edit may change) is not run by kvlock-edit; use a text-to-video checkpoint")
     cfg = getattr(pipe, "config", {}) or {}
     boundary = cfg.get("boundary_ratio", None) if hasattr(cfg, "get") else None
     params = _editor_params()
-    if transformer_2 is not None and transformer is not None and "transformer_2" not in params:
+    if transformer_2 is not None and "transformer_2" not in params:
         raise UnsupportedModelError(f"{name} has two experts (transformer, transformer_2; Wan2.2 A14B) but this "
                                     "build's KVLockEditor takes no transformer_2")
-    if transformer is None:
-        raise UnsupportedModelError(f"{name} has no high-noise transformer (only transformer_2)")
     expand = bool(cfg.get("expand_timesteps", False)) if hasattr(cfg, "get") else False
     if expand and "expand_timesteps" not in params:
         raise UnsupportedModelError(f"{name} uses per-token timesteps (expand_timesteps=True: Wan2.2 TI2V-5B), "
                                     "which this build's KVLockEditor does not run")
-    check_flow_matching(pipe.scheduler)
-    return {"pipeline": name, "transformer": type(transformer).__name__,
+    prediction = getattr(adapter, "prediction", "flow")
+    sched = check_flow_matching(pipe.scheduler) if prediction == "flow" else check_v_prediction(pipe.scheduler)
+    return {"pipeline": name, "family": family, "transformer": type(transformer).__name__,
             "transformer_2": type(transformer_2).__name__ if transformer_2 is not None else None,
             "boundary_ratio": boundary if transformer_2 is not None else None, "expand_timesteps": expand,
-            "scheduler": type(pipe.scheduler).__name__, "vae": type(vae).__name__, "latent_channels": z_dim}
+            "prediction": prediction, "scheduler": type(pipe.scheduler).__name__, "scheduler_config": sched,
+            "vae": type(vae).__name__, "vae_normalisation": norm, "latent_channels": channels}
 
 
 # ----------------------------------------------------------------------------------------
@@ -331,20 +388,27 @@ class KVLockVideoEditor:
         return self.pipe.transformer.dtype
 
     def _vae_stats(self, device):
+        """(mean, std) broadcastable to (1, C, T, h, w): Wan's latents_mean / latents_std, or
+        (0, 1 / scaling_factor) for VAEs with one scaling factor (CogVideoX)."""
         cfg = self.pipe.vae.config
+        if self.model_info["vae_normalisation"] == "scaling_factor":
+            c = self.model_info["latent_channels"]
+            mean = torch.zeros(1, c, 1, 1, 1, device=device)
+            return mean, torch.full_like(mean, 1.0 / float(cfg.scaling_factor))
         c = len(cfg.latents_mean)
         mean = torch.tensor(cfg.latents_mean, dtype=torch.float32, device=device).view(1, c, 1, 1, 1)
         std = torch.tensor(cfg.latents_std, dtype=torch.float32, device=device).view(1, c, 1, 1, 1)
         return mean, std
 
-    # -- the pieces ------------------------------------------------------------------------
     def prepare(self, video, mask=None, **kwargs):
         """``prepare_inputs`` with this pipeline's constraints."""
         return prepare_inputs(video, mask, self.constraints, **kwargs)
 
     @torch.no_grad()
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:
-        """(F, H, W, 3) uint8 -> (1, C, T, h, w) float32 latents, normalised with latents_mean / std."""
+        """(F, H, W, 3) uint8 -> (1, C, T, h, w) float32 latents, normalised as the pipeline's transformer
+        expects them: ``(z - latents_mean) / latents_std`` (Wan) or ``z * scaling_factor`` (CogVideoX);
+        z is the posterior's mode (deterministic)."""
         vae, device = self.pipe.vae, self.device
         x = torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(3, 0, 1, 2)[None]
         x = (x.float() / 127.5 - 1.0).to(vae.dtype)
@@ -355,7 +419,7 @@ class KVLockVideoEditor:
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
-        """(1, C, T, h, w) normalised latents -> (F, H, W, 3) uint8."""
+        """(1, C, T, h, w) normalised latents -> (F, H, W, 3) uint8 (the inverse normalisation, ``vae.decode``)."""
         vae = self.pipe.vae
         mean, std = self._vae_stats(latents.device)
         z = (latents.float() * std + mean).to(vae.dtype)
@@ -363,9 +427,37 @@ class KVLockVideoEditor:
         video = ((video[0].float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
         return video.permute(1, 2, 3, 0).cpu().numpy()
 
+    def default_max_sequence_length(self) -> int:
+        """The text length the pipeline itself uses: CogVideoX's transformer fixes it
+        (``max_text_seq_length``, 226); otherwise the pipeline's __call__ default (Wan 512)."""
+        limit = getattr(self.pipe.transformer.config, "max_text_seq_length", None)
+        if self.model_info["family"] == "cogvideox" and limit is not None:
+            return int(limit)
+        try:
+            default = inspect.signature(self.pipe.__call__).parameters["max_sequence_length"].default
+        except (KeyError, TypeError, ValueError):
+            default = inspect.Parameter.empty
+        return int(default) if isinstance(default, int) else 512
+
+    def _check_text_length(self, n: int) -> None:
+        limit = getattr(self.pipe.transformer.config, "max_text_seq_length", None)
+        if self.model_info["family"] == "cogvideox" and limit is not None and n != int(limit):
+            raise EditInputError(f"--max-sequence-length {n}: CogVideoX's transformer takes exactly {limit} text "
+                                 "tokens (max_text_seq_length)")
+
+    def _transformer_kwargs(self, plan, latent_shape_) -> Optional[dict]:
+        """Model inputs shared by every branch: CogVideoX's rotary embeddings, built by the pipeline's
+        own ``_prepare_rotary_positional_embeddings`` for this size."""
+        cfg = self.pipe.transformer.config
+        if self.model_info["family"] == "cogvideox" and getattr(cfg, "use_rotary_positional_embeddings", False):
+            rope = self.pipe._prepare_rotary_positional_embeddings(plan.height, plan.width, latent_shape_[0],
+                                                                    self.device)
+            return {"image_rotary_emb": rope}
+        return None
+
     @torch.no_grad()
     def encode_prompts(self, prompt: str, negative_prompt: str = "", source_prompt: Optional[str] = None, *,
-                       max_sequence_length: int = 512):
+                       max_sequence_length: Optional[int] = None):
         """The pipeline's own encode_prompt -> (prompt_embeds, negative_prompt_embeds, source_embeds or None),
         in the transformer's dtype."""
         if not isinstance(prompt, str) or not prompt.strip():
@@ -373,8 +465,10 @@ class KVLockVideoEditor:
         enc = self.pipe.encode_prompt
         params = inspect.signature(enc).parameters
         kw = {"device": self.device}
+        n = self.default_max_sequence_length() if max_sequence_length is None else int(max_sequence_length)
+        self._check_text_length(n)
         if "max_sequence_length" in params:
-            kw["max_sequence_length"] = max_sequence_length
+            kw["max_sequence_length"] = n
         pos, neg = enc(prompt, negative_prompt=negative_prompt or "", do_classifier_free_guidance=True, **kw)
         src = None
         if source_prompt is not None:
@@ -435,8 +529,9 @@ class KVLockVideoEditor:
              seed: Optional[int] = None, generator: Optional[torch.Generator] = None, box=None,
              frames: Optional[int] = None, height: Optional[int] = None, width: Optional[int] = None,
              dilate: int = 0, fps: Optional[float] = None, kv_lock=None, kappa: Optional[int] = None,
-             window: Optional[int] = None, tau: Optional[float] = None, max_sequence_length: int = 512,
-             output_type: str = "np", compute_metrics: bool = True) -> EditResult:
+             window: Optional[int] = None, tau: Optional[float] = None, max_sequence_length: Optional[int] = None,
+             output_type: str = "np", compute_metrics: bool = True, num_inference_steps: Optional[int] = None,
+             guidance_scale: Optional[float] = None, num_frames: Optional[int] = None) -> EditResult:
         """Edit ``video`` inside ``mask`` toward ``prompt``; the background is locked to the source.
 
         Arguments:
@@ -458,12 +553,23 @@ class KVLockVideoEditor:
             fps: frame rate of array inputs and image folders (default 16).
             kv_lock: a ready KVLockScheduler (overrides kappa / window / tau / guidance).
             kappa, window, tau: schedule settings (default: scaled from num_steps; tau 0.01).
-            max_sequence_length: text tokens (Wan: 512).
+            max_sequence_length: text tokens (default: the pipeline's own, Wan 512, CogVideoX 226).
             output_type: "np" (float32 [0, 1], like diffusers), "uint8", "pt" or "pil".
             compute_metrics: compute background PSNR / SSIM and the foreground change.
+            num_inference_steps, guidance_scale, num_frames: diffusers' names for num_steps,
+                guidance and frames (either may be given, not both).
         Returns:
             EditResult (``.frames`` is the edited video).
         """
+        for alias, value, name, current, default in (("num_inference_steps", num_inference_steps, "num_steps",
+                                                      num_steps, 50),
+                                                     ("guidance_scale", guidance_scale, "guidance", guidance, 5.0),
+                                                     ("num_frames", num_frames, "frames", frames, None)):
+            if value is not None and current != default:
+                raise EditInputError(f"give {name} or {alias}, not both")
+        num_steps = num_steps if num_inference_steps is None else num_inference_steps
+        guidance = guidance if guidance_scale is None else guidance_scale
+        frames = frames if num_frames is None else num_frames
         if output_type not in OUTPUT_TYPES:
             raise EditInputError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if prompt is None:
@@ -488,8 +594,9 @@ class KVLockVideoEditor:
                      "lock) and omega = omega0 for every step, so the output reconstructs the source through the model")
             elif full:
                 warn("the mask covers every pixel: no token is locked (lock weight alpha * (1 - m) = 0 everywhere), "
-                     "so KV-Lock reduces to generating a new video from the prompt with CFG-Zero* guidance; the "
-                     "source only seeds the hallucination signal, and background fidelity is undefined")
+                     "so the source never reaches the edit and KV-Lock reduces to generating a new video from the "
+                     "prompt with CFG-Zero* guidance (omega still follows the whole-frame x0-hat variance); "
+                     "background fidelity is undefined")
             if kv_lock is None:
                 kv_lock, sched_msgs = self.make_schedule(num_steps, guidance=guidance, kappa=kappa, window=window,
                                                          tau=tau, hold=empty, device=device)
@@ -499,6 +606,9 @@ class KVLockVideoEditor:
                 raise EditInputError(f"kv_lock was built for {kv_lock.num_steps} steps, the edit asks for {num_steps}")
             if generator is None:
                 generator = torch.Generator("cpu").manual_seed(0 if seed is None else int(seed))
+            elif not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+                raise EditInputError("generator must be a CPU torch.Generator (the editor draws its noise on the CPU "
+                                     "so that a seed gives the same edit on every device); or pass seed=")
         schedule = {k: getattr(kv_lock, k, None) for k in ("num_steps", "kappa", "window", "tau", "omega0", "b",
                                                            "alpha_pre", "omega_lower")}
         schedule["activates"] = _activates(kv_lock)
@@ -525,11 +635,15 @@ class KVLockVideoEditor:
 
         with timer.phase("edit"):
             scheduler = self._scheduler_copy()
-            model["scheduler_config"] = check_flow_matching(scheduler)
+            model["scheduler_config"] = (check_flow_matching(scheduler) if self.model_info["prediction"] == "flow"
+                                         else check_v_prediction(scheduler))
             editor = self._make_editor(scheduler, kv_lock)
             kw = {"generator": generator}
             if src is not None:
                 kw["source_prompt_embeds"] = src
+            extra = self._transformer_kwargs(plan, tuple(latents.shape[2:]))
+            if extra:
+                kw["transformer_kwargs"] = extra
             edited_latents, trace = editor.edit(latents, latent_mask, pos, neg, num_steps, **kw)
         trace = self._complete_trace(trace, scheduler)
 

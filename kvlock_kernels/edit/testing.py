@@ -6,7 +6,9 @@ transformer/ [, transformer_2/], scheduler/) with a few thousand random weights:
 AutoencoderKLWan (the real architecture, base_dim 3), a UMT5 text encoder from a local
 config, a word-level tokenizer trained on a handful of sentences with the ``tokenizers``
 library, and WanTransformer3DModel(s).  "wan2.2" is the A14B layout: a high-noise
-``transformer``, a low-noise ``transformer_2`` and ``boundary_ratio``.  Nothing is
+``transformer``, a low-noise ``transformer_2`` and ``boundary_ratio``; "wan2.2-ti2v" is the
+TI2V-5B layout: the Wan2.2 VAE (residual, patchified, 48 latent channels, 16x spatial), a
+48-channel transformer and ``expand_timesteps`` (per-token timesteps).  Nothing is
 downloaded.  The outputs of such a model are noise; what it exercises is the whole path
 (files, geometry, VAE normalisation, encode_prompt, the KV-Lock loop, decoding, outputs).
 
@@ -19,7 +21,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-__all__ = ["build_tiny_wan", "synthetic_clip", "write_clip", "TINY_TEXT_DIM"]
+__all__ = ["build_tiny_wan", "build_tiny_cogvideox", "synthetic_clip", "write_clip", "TINY_TEXT_DIM"]
 
 TINY_TEXT_DIM = 32
 _CORPUS = ["a red ball on a green field", "a cat sitting on a sofa", "a blue car on the road",
@@ -54,7 +56,8 @@ def build_tiny_wan(path: str, *, layout: str = "wan2.1", scheduler: str = "unipc
     """Write a tiny random-weight Wan text-to-video pipeline to ``path`` (see the module docstring).
 
     Arguments:
-        layout: "wan2.1" (one transformer) or "wan2.2" (transformer + transformer_2 + boundary_ratio).
+        layout: "wan2.1" (one transformer), "wan2.2" (A14B: transformer + transformer_2 +
+            boundary_ratio) or "wan2.2-ti2v" (TI2V-5B: 48-channel latents, expand_timesteps).
         scheduler: "unipc" (Wan's UniPCMultistepScheduler, flow prediction, flow_shift 3),
             "euler" (FlowMatchEulerDiscreteScheduler, shift 3) or "ddim" (DDIMScheduler with
             epsilon prediction: not flow matching, for the refusal tests).
@@ -71,16 +74,24 @@ def build_tiny_wan(path: str, *, layout: str = "wan2.1", scheduler: str = "unipc
     )
     from transformers import UMT5Config, UMT5EncoderModel
 
-    if layout not in ("wan2.1", "wan2.2"):
-        raise ValueError(f"layout must be 'wan2.1' or 'wan2.2', got {layout!r}")
+    if layout not in ("wan2.1", "wan2.2", "wan2.2-ti2v"):
+        raise ValueError(f"layout must be 'wan2.1', 'wan2.2' or 'wan2.2-ti2v', got {layout!r}")
     tokenizer = _tokenizer()
     torch.manual_seed(seed)
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=TINY_TEXT_DIM, d_kv=8, d_ff=32,
                                                num_layers=1, num_heads=4, relative_attention_num_buckets=8,
                                                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True]).eval()
+    if layout == "wan2.2-ti2v":
+        channels = 48
+        vae = AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+                               out_channels=12, patch_size=2, scale_factor_spatial=16,
+                               latents_mean=[0.0] * 48, latents_std=[1.0] * 48).eval()
+    else:
+        channels = 16
+        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True]).eval()
     if scheduler == "unipc":
         sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         num_train_timesteps=1000, flow_shift=3.0)
@@ -92,10 +103,47 @@ def build_tiny_wan(path: str, *, layout: str = "wan2.1", scheduler: str = "unipc
         raise ValueError(f"scheduler must be 'unipc', 'euler' or 'ddim', got {scheduler!r}")
     kwargs = {}
     if layout == "wan2.2":
-        kwargs = {"transformer_2": _transformer(seed + 3, 16), "boundary_ratio": boundary_ratio}
+        kwargs = {"transformer_2": _transformer(seed + 3, channels), "boundary_ratio": boundary_ratio}
+    elif layout == "wan2.2-ti2v":
+        kwargs = {"expand_timesteps": True}
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=sched,
-                       transformer=_transformer(seed + 2, 16), **kwargs)
+                       transformer=_transformer(seed + 2, channels), **kwargs)
     pipe.save_pretrained(path)
+    return path
+
+
+def build_tiny_cogvideox(path: str, *, seed: int = 0, rotary: bool = True, max_text_seq_length: int = 16) -> str:
+    """Write a tiny random-weight CogVideoX text-to-video pipeline to ``path``: AutoencoderKLCogVideoX
+    (4 latent channels), a T5 encoder from a local config, the local tokenizer, a one-layer
+    CogVideoXTransformer3DModel (rotary embeddings like CogVideoX-5B when ``rotary``) and
+    CogVideoXDDIMScheduler (v-prediction, as the checkpoints ship).  Nothing is downloaded."""
+    import torch
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = _tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=TINY_TEXT_DIM, d_kv=8, d_ff=32,
+                                           num_layers=1, num_heads=4, relative_attention_num_buckets=8,
+                                           pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLCogVideoX(in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                 latent_channels=4, layers_per_block=1, norm_num_groups=2,
+                                 temporal_compression_ratio=4).eval()
+    torch.manual_seed(seed + 2)
+    transformer = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                              out_channels=4, time_embed_dim=8, text_embed_dim=TINY_TEXT_DIM,
+                                              num_layers=2, sample_width=8, sample_height=8, sample_frames=9,
+                                              patch_size=2, temporal_compression_ratio=4,
+                                              max_text_seq_length=max_text_seq_length,
+                                              use_rotary_positional_embeddings=rotary,
+                                              use_learned_positional_embeddings=False).eval()
+    sched = CogVideoXDDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing",
+                                   rescale_betas_zero_snr=True, beta_schedule="scaled_linear", clip_sample=False,
+                                   set_alpha_to_one=True)
+    CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                      scheduler=sched).save_pretrained(path)
     return path
 
 
