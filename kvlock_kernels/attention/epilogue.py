@@ -66,12 +66,15 @@ ROPE_CODES = {"none": 0, "interleaved": 1, "half": 2}
 # stride 0); 3: a source per entry.
 LOCK_NONE, LOCK_BRANCH, LOCK_SHARED, LOCK_PER_ENTRY = 0, 1, 2, 3
 
-# (BLOCK_S tokens per program, num_warps) by head-dim tier: 1024 elements per head tile
-# over 4 warps.  In branch mode a program keeps the source K/V tiles and the cos/sin
-# tiles live across the batch loop beside the entry's q, k, v: ~165 registers (three
-# programs per SM) and no spills on sm_80/sm_90 for fp16, bf16 and fp32; 2048-element
-# tiles need 230-255 registers.
-LAUNCH_CONFIGS = {"d64": (16, 4), "d128": (8, 4), "d256": (4, 4)}
+# (BLOCK_S tokens per program, num_warps) by dtype and head-dim tier: 1024 elements per
+# head tile.  In branch mode a program keeps the source K/V tiles and the cos/sin tiles
+# live across the batch loop beside the entry's q, k, v: 96-168 registers and no spills on
+# sm_80 / sm_90 (`gpu_report --all`); fp32 at d64 takes 8 warps (with 4, the across-heads
+# cache variant spilled 8 bytes on sm_90).  2048-element tiles need 230-255 registers.
+LAUNCH_CONFIGS = {
+    "half": {"d64": (16, 4), "d128": (8, 4), "d256": (4, 4)},
+    "fp32": {"d64": (16, 8), "d128": (8, 4), "d256": (4, 4)},
+}
 INTERPRETER_BLOCK_S = 16
 
 
@@ -79,10 +82,11 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def launch_config(head_dim: int) -> tuple[int, int]:
-    """(BLOCK_S, num_warps) of the GPU launch for a head dim."""
+def launch_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
+    """(BLOCK_S, num_warps) of the GPU launch for a head dim and dtype."""
     block_d = _block_d(head_dim)
-    return LAUNCH_CONFIGS["d64" if block_d <= 64 else "d128" if block_d <= 128 else "d256"]
+    table = LAUNCH_CONFIGS["fp32" if dtype == torch.float32 else "half"]
+    return table["d64" if block_d <= 64 else "d128" if block_d <= 128 else "d256"]
 
 
 # --------------------------------------------------------------------------------------
@@ -452,7 +456,7 @@ def _launch(q, k, v, heads, norm, wq, bq, wk, bk, eps, rope, cos, sin, rope_star
     across = norm == "rms_across_heads"
     rstd = torch.empty(2 * B * S if across else 1, dtype=torch.float32, device=q.device)
     interpret = triton_interpreting()
-    block_s, warps = (INTERPRETER_BLOCK_S, 1) if interpret else launch_config(D)
+    block_s, warps = (INTERPRETER_BLOCK_S, 1) if interpret else launch_config(D, q.dtype)
     heads_per_prog = H if across else 1
     grid = (triton.cdiv(S, block_s), H // heads_per_prog)
     with device_guard(q.device):
@@ -483,6 +487,13 @@ def _torch_epilogue(q, k, v, heads, norm, wq, bq, wk, bk, eps, rope, cos, sin, r
         source_index=source_index if source_index >= 0 else None)
 
 
+def _fresh(t: torch.Tensor, inputs) -> torch.Tensor:
+    """t as a contiguous tensor that shares no memory with the inputs (the outputs of a
+    custom op may not alias its inputs; v without a lock is a view of v)."""
+    shared = any(t.untyped_storage().data_ptr() == i.untyped_storage().data_ptr() for i in inputs)
+    return t.clone(memory_format=torch.contiguous_format) if shared else t.contiguous()
+
+
 def _out_shape(q, heads):
     return (q.shape[0], q.shape[1], heads, q.shape[-1] // heads) if q.dim() == 3 else tuple(q.shape)
 
@@ -498,8 +509,7 @@ def _qkv_epilogue_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     args = (q, k, v, heads, norm, norm_q_weight, norm_q_bias, norm_k_weight, norm_k_bias, norm_eps, rope,
             rope_cos, rope_sin, rope_start, lock, k_src, v_src, source_index)
     if not _runs_triton(q, backend) or q.numel() == 0:
-        # Fresh memory: the outputs of a custom op may not alias its inputs.
-        return tuple(t.clone(memory_format=torch.contiguous_format) for t in _torch_epilogue(*args, backend))
+        return tuple(_fresh(t, (q, k, v)) for t in _torch_epilogue(*args, backend))
     outs = tuple(torch.empty(_out_shape(q, heads), dtype=q.dtype, device=q.device) for _ in range(3))
     _launch(*args, *outs)
     return outs
@@ -626,8 +636,9 @@ def qkv_epilogue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, heads: in
         lock: (S,), (1, S) or (B, S), float in [0, 1] or bool: weight of the source per
             entry and token, applied to the normed, rotated K and to V (text tokens carry
             weight 0).  None: no lock (a source given with it is ignored).
-        k_src, v_src: (B|1, S, heads, D) in q's dtype, the cached source K/V, already
-            normed and rotated (batch-stride-0 views are read in place), or
+        k_src, v_src: (B|1, S, heads, D) (or (B|1, S, heads*D)) in q's dtype, the cached
+            source K/V, already normed and rotated (batch-stride-0 views are read in
+            place), or
         source_index: batch entry of q/k/v that is the source branch (its outputs are
             its own, unlocked; its K/V tile is blended into every other entry).
         out: optional (q_out, k_out, v_out), (B, S, heads, D) tensors or views (unit last
@@ -663,19 +674,22 @@ def qkv_epilogue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, heads: in
         D = q.shape[3]
     check_choice("norm", norm, NORMS)
     check_choice("rope", rope, ROPES)
+    if norm == "rms_across_heads" and (norm_q_bias is not None or norm_k_bias is not None):
+        raise ValueError("norm='rms_across_heads' has no bias (torch.nn.RMSNorm); got norm_q_bias/norm_k_bias")
     w_size = heads * D if norm == "rms_across_heads" else D
     wq = _check_norm_weight("norm_q_weight", norm_q_weight, norm, w_size, q)
     wk = _check_norm_weight("norm_k_weight", norm_k_weight, norm, w_size, q)
     bq = _check_norm_weight("norm_q_bias", norm_q_bias, norm, w_size, q)
     bk = _check_norm_weight("norm_k_bias", norm_k_bias, norm, w_size, q)
-    if norm == "rms_across_heads" and (bq is not None or bk is not None):
-        raise ValueError("norm='rms_across_heads' has no bias (torch.nn.RMSNorm); got norm_q_bias/norm_k_bias")
     if norm_eps is None:
         eps = torch.finfo(torch.promote_types(q.dtype, torch.float32)).eps
     else:
         eps = check_real("norm_eps", norm_eps, low=0.0)
     cos, sin, rope_start = _check_rope(rope, rope_cos, rope_sin, rope_start, S, D)
-    src = check_source(k_src, v_src, source_index, B, (S, heads, D), q, required=lock is not None)
+    # A cache source may also come as projections-shaped (B|1, S, heads*D) tensors.
+    k_src, v_src = (t.unflatten(-1, (heads, D)) if isinstance(t, torch.Tensor) and t.dim() == 3
+                    and t.shape[-1] == heads * D else t for t in (k_src, v_src))
+    src = check_source(k_src, v_src, source_index, B, (S, heads, D), q, required=lock is not None, ref_name="q")
     lock2 = check_lock(lock, B, S, check_inputs) if lock is not None else None
     shape = (B, S, heads, D)
     outs = _check_out(out, shape, q) if out is not None else None
@@ -727,7 +741,8 @@ def gpu_report_jobs(arch: int, all_configs: bool) -> list[tuple]:
 
 def gpu_report_build(arch: int, dtype_name: str, head_dim: int, config) -> dict:
     label, norm, rope, lock_mode, has_bias = config
-    block_s, warps = launch_config(head_dim)
+    block_s, warps = launch_config(head_dim, {"bf16": torch.bfloat16, "fp16": torch.float16,
+                                              "fp32": torch.float32}[dtype_name])
     has_w = norm != "none"
     # What the launcher passes for contiguous tensors (strides multiples of head_dim).
     const = kernel_constexprs(head_dim, norm=norm, rope=rope, lock_mode=lock_mode, has_qw=has_w,

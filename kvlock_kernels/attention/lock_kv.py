@@ -320,7 +320,8 @@ def check_lock(lock, batch: int, seqlen: int, check_values: bool) -> torch.Tenso
     return view
 
 
-def check_source(k_src, v_src, source_index, batch: int, tail: tuple, ref: torch.Tensor, *, required: bool):
+def check_source(k_src, v_src, source_index, batch: int, tail: tuple, ref: torch.Tensor, *, required: bool,
+                 ref_name: str = "k"):
     """The source of the blend: ``k_src, v_src`` (B|1, *tail) in ref's dtype, or an int
     ``source_index`` in [0, B).  Returns the source index as an int (-1: k_src/v_src;
     -2: no source given, allowed when not ``required``)."""
@@ -338,7 +339,7 @@ def check_source(k_src, v_src, source_index, batch: int, tail: tuple, ref: torch
     want = ", ".join(map(str, tail))
     for name, t in (("k_src", k_src), ("v_src", v_src)):
         check_tensor(name, t, dtypes=DTYPES, ndim=len(tail) + 1, layout=BSHD)
-        check_same_dtype(name, t, "k", ref)
+        check_same_dtype(name, t, ref_name, ref)
         if tuple(t.shape[1:]) != tuple(tail) or t.shape[0] not in (1, batch):
             raise ValueError(f"{name} must have shape {BSHD} = ({batch} or 1, {want}), got {tuple(t.shape)}")
     return -1
