@@ -1,7 +1,10 @@
 """kvlock-kernels: fused kernels for KV-Lock, training-free video editing on video DiTs.
 
 Ops (each has a Triton kernel and a PyTorch reference in ``kvlock_kernels.reference``):
+    lock_kv                 the locked keys/values K' = k + w (k_src - k), one launch
+    qkv_epilogue            q/k/v norm + RoPE + lock fused into one pass (what processors run)
     kv_lock_attention       attention with per-key-token K/V locking toward a source
+                            (routes between blend + best plain attention and a fused kernel)
     merge_attention_states  combine partial attentions over disjoint key sets
     branch_variance         per-token variance across stacked predictions + masked mean
     cfg_zero_star_scale     CFG-Zero* projection scale s* per sample
@@ -20,8 +23,11 @@ entry is ``kvlock_kernels.diffusers``), ``reference/`` (oracles and CPU paths),
 import sys as _sys
 
 from . import reference
+from .attention.epilogue import qkv_epilogue
 from .attention.kv_lock_attention import kv_lock_attention
+from .attention.lock_kv import lock_kv
 from .attention.merge_attention_states import merge_attention_states
+from .attention.routing import Route, choose_path, plain_attention, plain_attention_backends
 from .cache.ring_buffer import KeyRangeError, KVRingBuffer
 from .control import masks
 from .control.branch_variance import branch_variance
@@ -34,6 +40,7 @@ from .control.scheduler import KVLockScheduler
 # (The package attributes of the op names are the functions, so the modules are taken
 # from sys.modules.)
 for _name, _where in (("kv_lock_attention", "attention"), ("merge_attention_states", "attention"),
+                      ("lock_kv", "attention"),
                       ("branch_variance", "control"), ("cfg_zero_star_scale", "control"),
                       ("kvlock_guidance", "control"), ("masks", "control"), ("scheduler", "control"),
                       ("ring_buffer", "cache")):
@@ -45,12 +52,18 @@ __all__ = [
     "KVLockScheduler",
     "KVRingBuffer",
     "KeyRangeError",
+    "Route",
     "branch_variance",
     "cfg_zero_star_scale",
+    "choose_path",
     "kv_lock_attention",
     "kvlock_guidance",
+    "lock_kv",
     "masks",
     "merge_attention_states",
+    "plain_attention",
+    "plain_attention_backends",
+    "qkv_epilogue",
     "reference",
     "__version__",
 ]
