@@ -85,7 +85,8 @@ def test_capture_then_cache_equals_in_batch_branch(models, family):
         attn = adapter.attention_modules(model)[0][1]
         D = attn.to_k.out_features // attn.heads
         cache = KVRingBuffer(layers, (tiny_tokens(family), attn.heads, D), torch.float32, "cpu", host_spill=True)
-        source = {k: (v[SOURCE_INDEX:SOURCE_INDEX + 1] if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        source = {k: (v[SOURCE_INDEX:SOURCE_INDEX + 1] if isinstance(v, torch.Tensor) else v)
+                  for k, v in inputs.items()}
         set_plan(model, KVLockPlan.capture(cache, 5))
         run(model, source)
         assert sorted(cache.keys()) == [(5, layer) for layer in range(layers)]
@@ -167,6 +168,22 @@ def test_set_attention_backend_is_the_backend_that_runs(models, family, monkeypa
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_dispatch_is_looked_up_where_the_stock_processor_looks(models, monkeypatch):
+    """Wan's stock processor calls its module's dispatch_attention_fn: so does KV-Lock's."""
+    from diffusers.models.transformers import transformer_wan
+
+    model = models["wan"]
+    calls = []
+    real = transformer_wan.dispatch_attention_fn
+    monkeypatch.setattr(transformer_wan, "dispatch_attention_fn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    enable_kvlock(model, KVLockPlan.branch(soft_mask(TOKENS), 0.8, batch_size=3))
+    try:
+        run(model, tiny_inputs("wan", 3))
+    finally:
+        disable_kvlock(model)
+    assert len(calls) >= len(model.blocks)
+
+
 def test_set_attention_backend_before_enable_is_kept(models):
     model = models["wan"]
     model.set_attention_backend("_native_math")
@@ -198,10 +215,20 @@ def test_fuse_qkv_projections_after_enable_keeps_kvlock():
     with pytest.warns(UserWarning, match="re-installs itself"):
         fused = run(model, inputs)
     torch.testing.assert_close(fused, locked, atol=1e-5, rtol=1e-5)  # still locked, fused projections
+    model.unfuse_qkv_projections()  # puts KV-Lock's own (pre-fuse) processors back: adopted again
+    torch.testing.assert_close(run(model, inputs), locked, atol=1e-5, rtol=1e-5)
     disable_kvlock(model)
+    assert all(type(b.attn1.processor) is CogVideoXAttnProcessor2_0 for b in model.transformer_blocks)
+
+    stock = run(model, inputs)
+    enable_kvlock(model, plan)
+    model.fuse_qkv_projections()
+    with pytest.warns(UserWarning, match="re-installs itself"):
+        run(model, inputs)
+    disable_kvlock(model)  # restores the fused stock processors fuse_qkv_projections set
     assert all(isinstance(b.attn1.processor, FusedCogVideoXAttnProcessor2_0) for b in model.transformer_blocks)
-    model.unfuse_qkv_projections()
-    assert all(isinstance(b.attn1.processor, CogVideoXAttnProcessor2_0) for b in model.transformer_blocks)
+    model.unfuse_qkv_projections()  # puts back what fuse recorded: KV-Lock processors, inert after disable
+    assert torch.equal(run(model, inputs), stock)
 
 
 def test_user_set_attn_processor_survives_disable_and_foreign_ones_are_detected(models):
@@ -311,13 +338,13 @@ def test_unsupported_transformer_is_refused():
 
 @pytest.mark.parametrize("family, latent", [("wan", (3, 8, 8)), ("wan", (2, 8, 12)), ("cogvideox", (3, 8, 8)),
                                             ("hunyuan_video", (2, 4, 8))])
-def test_token_mask_of_the_wrong_length_is_refused_before_the_model_runs(models, family, latent, monkeypatch):
+def test_token_mask_of_the_wrong_length_is_refused_before_the_model_runs(models, family, latent):
     model = models[family]
     inputs = tiny_inputs(family, 3, latent=latent)
     tokens = tiny_tokens(family, latent)
     called = []
     first = adapter_for(model).attention_modules(model)[0][1]
-    monkeypatch.setattr(first, "to_q", lambda *a: called.append(1))  # nothing may run
+    handle = first.to_q.register_forward_pre_hook(lambda *a: called.append(1))  # nothing may run
     enable_kvlock(model, KVLockPlan.branch(torch.zeros(tokens + 4), 1.0, batch_size=3))
     try:
         with pytest.raises(ValueError, match=f"lock weights cover {tokens + 4} video tokens but this .* call has "
@@ -325,6 +352,7 @@ def test_token_mask_of_the_wrong_length_is_refused_before_the_model_runs(models,
             run(model, inputs)
     finally:
         disable_kvlock(model)
+        handle.remove()
     assert not called
 
 

@@ -62,6 +62,11 @@ def test_job_protocol(monkeypatch):
     assert gpu_report.default_jobs(False, archs=(90,), kernels={"fake"}) == [jobs[0]]
 
 
+def test_fp32_note():
+    notes = gpu_report.report_notes({"kv_lock_attention"})
+    assert any("fp32" in n and "PyTorch path" in n for n in notes)
+
+
 def test_all_covers_every_dtype_head_dim_and_config():
     jobs = [j for j in gpu_report.default_jobs(True, archs=(80, 90), kernels={"kv_lock_attention"})]
     for arch in (80, 90):

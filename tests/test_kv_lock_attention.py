@@ -515,14 +515,38 @@ def test_configs_keyed_by_dtype_arch_and_tier():
         for tier_dim, aligned in ((64, True), (128, True), (256, True), (72, False)):
             half = configs_for(tier_dim, torch.bfloat16, arch, aligned)
             assert half == configs_for(tier_dim, "fp16", arch, aligned)
-            fp32 = configs_for(tier_dim, torch.float32, arch, aligned)
-            assert fp32 and half
-            # fp32 dots run on CUDA cores with operands in registers: smaller tiles.
-            assert max(bm * bn for bm, bn, _, _ in fp32) <= max(bm * bn for bm, bn, _, _ in half)
+            assert bool(half) == (arch == 90 or tier_dim <= 128)  # sm_80: no head-dim-256 entry
+            # fp32 has no GPU configs (every fp32 tile spilled): fp32 CUDA calls run the PyTorch path.
+            assert configs_for(tier_dim, torch.float32, arch, aligned) == []
+    assert configs_for(128, "bf16", 90) != configs_for(128, "bf16", 80)
     assert head_dim_tier(72, aligned=False) == "unaligned" and head_dim_tier(96) == "d128"
     assert head_dim_tier(200, aligned=False) == "d256"
     with pytest.raises(TypeError):
         configs_for(64, torch.float64)
+
+
+def test_fp32_cuda_calls_take_the_torch_path():
+    cuda = torch.device("cuda")
+    assert select_backend(cuda, torch.float32, True, "auto") == "torch"
+    assert select_backend(cuda, torch.float32, False, "auto") == "torch"
+    with pytest.raises(ValueError, match="float32 CUDA tensors"):
+        select_backend(cuda, torch.float32, True, "triton")
+    assert select_backend(torch.device("cpu"), torch.float32, True, "triton") == "triton"  # interpreter
+
+
+def test_no_config_for_head_dim_256_on_sm80(monkeypatch):
+    """An empty config list (here head dim > 128 on sm_80) routes CUDA calls to the PyTorch path."""
+    monkeypatch.setattr(KLA_MODULE, "_cuda_arch", lambda index: 80)
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    KLA_MODULE._flash_attn_func.cache_clear()
+    cuda = torch.device("cuda")
+    assert select_backend(cuda, torch.bfloat16, True, "auto", 256) == "torch"
+    assert select_backend(cuda, torch.bfloat16, True, "auto", 128) == "triton"
+    with pytest.raises(ValueError, match="no fused-kernel config for head dim 256 on sm_80"):
+        select_backend(cuda, torch.float16, True, "triton", 256)
+    monkeypatch.setattr(KLA_MODULE, "_cuda_arch", lambda index: 90)
+    assert select_backend(cuda, torch.bfloat16, True, "auto", 256) == "triton"
+    KLA_MODULE._flash_attn_func.cache_clear()
 
 
 def test_autotune_prune_uses_dtype_and_alignment():
@@ -535,9 +559,10 @@ def test_autotune_prune_uses_dtype_and_alignment():
     configs = KLA_MODULE._kv_lock_attn_fwd_tuned.configs
     as_tuples = lambda cs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
                             for c in cs}
-    for dtype in (torch.bfloat16, torch.float32):
-        kept = KLA_MODULE._prune_configs(configs, named(dtype, 64), HEAD_DIM=64)
-        assert as_tuples(kept) == set(configs_for(64, dtype))
+    for dtype in (torch.bfloat16, torch.float16):
+        for d in (64, 128, 256):
+            kept = KLA_MODULE._prune_configs(configs, named(dtype, 64), HEAD_DIM=d)
+            assert as_tuples(kept) == set(configs_for(d, dtype))
     kept = KLA_MODULE._prune_configs(configs, named(torch.bfloat16, 72), HEAD_DIM=72)
     assert as_tuples(kept) == set(configs_for(72, torch.bfloat16, aligned=False))
 

@@ -4,17 +4,23 @@
 autotune candidates, best first:
 
 - ``arch``: ``"sm90"`` (Hopper and newer) or ``"sm80"`` (Ampere, Ada);
-- ``dtype``: ``"bf16"``, ``"fp16"`` or ``"fp32"``.  fp32 runs IEEE fp32 dots on the CUDA
-  cores (no tensor cores), whose operand tiles live in registers: its tiles are smaller
-  so that no entry spills;
+- ``dtype``: ``"bf16"``, ``"fp16"`` or ``"fp32"``.  fp32 has no GPU entries: IEEE fp32
+  dots keep whole operand rows (all of the head dim) in registers and 3xTF32 dots keep
+  both halves of the query tile, so every fp32 tile from 16x16 up spilled at head dim
+  >= 64 on sm_80 and sm_90.  fp32 CUDA calls run the PyTorch path instead; fp32 runs
+  through the kernel under the interpreter only (with the (BLOCK_M, BLOCK_N) pairs of
+  INTERPRETER_CONFIGS);
 - ``tier``: ``"d64"`` (head dim <= 64), ``"d128"`` (<= 128), ``"d256"`` (<= 256), and
   ``"unaligned"`` (head dim <= 128 with a row stride that is not a multiple of 16
   elements, e.g. a contiguous head dim 72: the loads cannot be vectorised, so they are
   not asynchronous copies and the tiles stay small).
 
-Every entry compiles for its arch without register spills and within shared memory:
-``python -m kvlock_kernels.tools.gpu_report --all`` checks the whole table (it exits 1
-otherwise) and reports the tensor-core instructions per KV block of each entry.
+Every entry compiles for its arch without register spills, within shared memory and
+without tensor-core work duplicated across warps: ``python -m kvlock_kernels.tools.gpu_report
+--all`` checks the whole table (it exits 1 otherwise) and reports the tensor-core
+instructions per KV block of each entry.  An empty list (fp32 everywhere, head dim > 128
+on sm_80) means the fused kernel does not run there on GPUs: ``kv_lock_attention`` takes
+the PyTorch path (backend "auto") or raises (backend "triton").
 """
 from __future__ import annotations
 
@@ -27,24 +33,28 @@ __all__ = ["KERNEL_CONFIGS", "INTERPRETER_CONFIG", "INTERPRETER_CONFIGS", "DTYPE
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
+# Every entry is clean for both kernel variants (no lock / locked) and issues no
+# duplicated tensor-core work (the report compares the MMA FLOPs of one loop iteration
+# with the block's: e.g. 64-row tiles on 8 warps computed a dot twice).  The locked kernel
+# holds the fp32 blend of a K or V tile in registers, which is what bounds the tiles (the
+# plain kernel alone would take larger ones).
 _HALF_SM90 = {
-    "d64": [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2)],
-    "d128": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2)],
-    "d256": [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
-    "unaligned": [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2)],
+    "d64": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+    "d128": [(128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3)],
+    "d256": [(128, 16, 8, 2)],
+    "unaligned": [(128, 16, 8, 2)],
 }
+# sm_80's mma.sync keeps both dot operands in registers: smaller tiles than sm_90.  At
+# head dim 256 no tile was both spill-free in the locked kernel and free of duplicated
+# dots (16x16 on 4 warps computes QK twice), so sm_80 has no d256 entry: such calls run
+# the PyTorch path on CUDA (an empty list means exactly that, see kv_lock_attention).
 _HALF_SM80 = {
-    "d64": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
-    "d128": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)],
-    "d256": [(64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
-    "unaligned": [(64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2)],
+    "d64": [(128, 32, 8, 2), (64, 32, 4, 2), (128, 32, 4, 2), (64, 16, 4, 2)],
+    "d128": [(128, 16, 8, 2), (32, 32, 4, 2)],
+    "d256": [],
+    "unaligned": [(128, 16, 8, 2)],
 }
-_FP32 = {
-    "d64": [(64, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2)],
-    "d128": [(32, 32, 4, 2), (64, 16, 4, 2), (32, 16, 4, 2)],
-    "d256": [(32, 16, 4, 2), (16, 16, 4, 2)],
-    "unaligned": [(32, 32, 4, 2), (32, 16, 4, 2)],
-}
+_FP32 = {"d64": [], "d128": [], "d256": [], "unaligned": []}
 
 KERNEL_CONFIGS = {
     "sm90": {"bf16": _HALF_SM90, "fp16": _HALF_SM90, "fp32": _FP32},

@@ -6,19 +6,26 @@ loaded, inside a flash-style online-softmax attention kernel.
     out = softmax(q K^T * softmax_scale) V
 
 The blended K/V never exist in global memory.  Per KV block the kernel loads the block's
-lock weights once, then loads each K (and V) tile twice with per-row masks: the fresh
-rows where ``w < 1``, the source rows where ``w > 0`` (masked-off rows are not read from
-memory).  The tile is blended in fp32 with the library's one blending rule
-(``kvlock_kernels.reference.lock_kv``: ``w == 0`` selects k, ``w == 1`` selects k_src,
-``0 < w < 1`` is ``k + w (k_src - k)``), rounded once to the input dtype, and fed to ONE
-QK dot (and one PV dot for V): the tensor-core work of a locked block is that of a plain
-block, whatever its weights (all 0, all 1, constant, mixed).  There is no data-dependent
-branch: every block of the locked kernel runs the same straight-line code, so the
-software pipeliner sees all its loads.
+lock weights once, then each K (and V) tile from both tensors with per-row masks: the
+fresh rows where ``w != 1``, the source rows where ``w != 0`` (a masked-off row is not
+read from memory; its operand is 0).  The tile is blended in fp32 as
+``(1 - w) k + w k_src`` and rounded once to the input dtype: that follows the library's
+one blending rule (``kvlock_kernels.reference.lock_kv``): ``w == 0`` gives k exactly and
+never reads k_src, ``w == 1`` gives k_src exactly and never reads k, NaN/inf in the row
+that is not read cannot propagate; other weights propagate IEEE (the fp32 value may differ
+from ``k + w (k_src - k)`` by fp32 rounding before the one rounding to the dtype).  The
+blended tile feeds ONE QK dot (and the V tile one PV dot): a locked block issues the
+tensor-core work of a plain block, whatever its weights (all 0, all 1, constant, mixed).
+There is no data-dependent branch: every block of the locked kernel runs the same
+straight-line code, and the software pipeliner turns every tile load (lock, k, k_src,
+v, v_src) into an asynchronous copy.  The blend costs ALU and shared-memory work per
+block (``python -m kvlock_kernels.tools.gpu_report`` counts it), not tensor-core work.
 
 ``HAS_LOCK`` is a compile-time switch: the unlocked kernel loads one K and one V tile per
 block with no lock and no blend.  The KV loop runs over full blocks without boundary
 masks, then one masked tail block when the key length is not a multiple of BLOCK_N.
+fp16/bf16 on GPUs; fp32 runs through the kernel under the interpreter only (fp32 CUDA
+calls take the PyTorch path, see ``FP32_ON_GPU``).
 
 Layout of this file: the Triton kernel, the launcher (configs in ``configs.py``), the
 torch custom op (fake implementation for torch.compile, recompute backward), and the
@@ -285,7 +292,7 @@ def kernel_constexprs(dtype: torch.dtype, head_dim: int, *, has_lock: bool, stor
         STORE_LSE=store_lse,
         # Under the interpreter dot operands are upcast to fp32 (see _dot_operand).
         INTERPRET=interpret,
-        # fp32 inputs get IEEE fp32 dots (no TF32); half types use tensor cores.
+        # fp32 (interpreter only, see FP32_ON_GPU) gets IEEE dots; half types tensor cores.
         INPUT_PRECISION="ieee" if (dtype == torch.float32 or interpret) else "tf32",
     )
 
@@ -366,12 +373,48 @@ def _flash_attn_func():
     return flash_attn_func
 
 
-def select_backend(device: torch.device, dtype: torch.dtype, locked: bool, backend: str) -> str:
-    """Which implementation runs: "flash" (flash_attn_func), "triton" or "torch"."""
+FP32_ON_GPU = (
+    "the fused kernel runs fp16/bf16 on GPUs; fp32 CUDA calls run the PyTorch path (blend in fp32, then "
+    "SDPA): IEEE fp32 dots keep whole operand rows in registers and 3xTF32 dots keep both halves of q, so "
+    "every fp32 tile spills at head dim >= 64 on sm_80 and sm_90 (tools/gpu_report, docs/attention.md)")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: Optional[int]) -> int:
+    """sm_<arch> of a CUDA device (a host query, no sync); sm_90 without CUDA."""
+    if not torch.cuda.is_available():
+        return 90
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def fused_kernel_runs(device: torch.device, dtype: torch.dtype, head_dim: Optional[int] = None) -> bool:
+    """Whether the fused Triton kernel has configs for these tensors: always under the
+    interpreter; on CUDA, fp16/bf16 with a non-empty config list for the GPU and head dim."""
+    if device.type != "cuda":
+        return True
+    if dtype == torch.float32:
+        return False
+    return head_dim is None or bool(configs_for(head_dim, dtype, _cuda_arch(device.index)))
+
+
+def select_backend(device: torch.device, dtype: torch.dtype, locked: bool, backend: str,
+                   head_dim: Optional[int] = None) -> str:
+    """Which implementation runs: "flash" (flash_attn_func), "triton" or "torch".
+    CUDA tensors the fused kernel has no configs for (fp32; head dim > 128 on sm_80) take
+    the PyTorch path with "auto" (flash-attn first when unlocked); "triton" raises."""
     if use_triton(device, backend):
         if (backend == "auto" and device.type == "cuda" and not locked
                 and dtype in (torch.float16, torch.bfloat16) and _flash_attn_func() is not None):
             return "flash"
+        if not fused_kernel_runs(device, dtype, head_dim):
+            if backend == "triton":
+                why = FP32_ON_GPU if dtype == torch.float32 else (
+                    f"no fused-kernel config for head dim {head_dim} on sm_{_cuda_arch(device.index)} "
+                    "(attention/configs.py)")
+                raise ValueError(f"backend='triton' with {str(dtype)[6:]} CUDA tensors: {why}; "
+                                 "use backend='auto' or 'torch'")
+            return "torch"
         return "triton"
     return "torch"
 
@@ -404,7 +447,7 @@ def _kv_lock_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     B, Sq, Hq, _ = q.shape
     out = _empty_out(q, layout)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device) if return_lse else None
-    impl = select_backend(q.device, q.dtype, lock is not None, backend)
+    impl = select_backend(q.device, q.dtype, lock is not None, backend, q.shape[3])
     if impl == "triton":
         with device_guard(q.device):
             _launch_triton(q, k, v, k_src, v_src, lock, out, lse, softmax_scale)
@@ -584,12 +627,14 @@ def kv_lock_attention(q, k, v, k_src=None, v_src=None, lock=None, *, softmax_sca
     q, k, v, k_src, v_src, lock, scale = _prepare(q, k, v, k_src, v_src, lock, softmax_scale, layout,
                                                   check_inputs)
     B, Sq, Hq, _ = q.shape
+    # Raises on an impossible backend before anything runs.
+    impl = select_backend(q.device, q.dtype, lock is not None, backend, q.shape[3])
     if Sq == 0:
         out = _empty_out(q, layout)
         out = out.transpose(1, 2) if layout == "bhsd" else out
         lse = q.new_empty(B, Hq, 0, dtype=torch.float32)
         return (out, lse) if return_lse else out
-    if use_triton(q.device, backend):  # raises on an impossible backend before anything runs
+    if impl == "triton":
         check_offsets(q, k, v, k_src, v_src, lock, q)
     out, lse = _kv_lock_attention_op(q, k, v, k_src, v_src, lock, scale, layout, return_lse, backend)
     return (out, lse) if return_lse else out
@@ -600,8 +645,9 @@ def fused_attention_with_config(q, k, v, k_src, v_src, lock, config, *, softmax_
     (tests and the GPU tier sweep the config table with it; no autotuning).
 
     Tensors as ``kv_lock_attention`` with layout "bshd" (k_src/v_src/lock may be None:
-    plain attention); CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.  Not
-    differentiable.  Returns out (B, Sq, Hq, D), and lse (B, Hq, Sq) fp32 if asked.
+    plain attention); fp16/bf16 CUDA tensors, or CPU tensors (fp32 too) under
+    TRITON_INTERPRET=1.  Not differentiable.  Returns out (B, Sq, Hq, D), and lse
+    (B, Hq, Sq) fp32 if asked.
     """
     if (not isinstance(config, (tuple, list)) or len(config) != 4
             or not all(isinstance(c, int) and not isinstance(c, bool) for c in config)):
@@ -612,7 +658,7 @@ def fused_attention_with_config(q, k, v, k_src, v_src, lock, config, *, softmax_
         raise ValueError(f"config must have BLOCK_M, BLOCK_N in (16, 32, 64, 128), num_warps a power of 2 <= 16 "
                          f"and num_stages >= 1, got {tuple(config)}")
     q, k, v, k_src, v_src, lock, scale = _prepare(q, k, v, k_src, v_src, lock, softmax_scale, "bshd", True)
-    use_triton(q.device, "triton")  # raises unless CUDA or the interpreter
+    select_backend(q.device, q.dtype, lock is not None, "triton", q.shape[3])  # raises where the kernel has no config
     B, Sq, Hq, _ = q.shape
     out = _empty_out(q, "bshd")
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device) if return_lse else None
@@ -629,10 +675,14 @@ def fused_attention_with_config(q, k, v, k_src, v_src, lock, config, *, softmax_
 _REPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+GPU_REPORT_NOTES = [f"kv_lock_attention fp32: no GPU configs: {FP32_ON_GPU}"]
+
+
 def gpu_report_jobs(arch: int, all_configs: bool) -> list:
     """Both variants (HAS_LOCK False / True) of every config: with ``all_configs`` fp16,
-    bf16 and fp32 at head dims 64, 72, 80, 96, 128, 256 and every table entry; else bf16
-    at head dims 64 and 128, the first (preferred) entry of each."""
+    bf16 and fp32 (which has no GPU configs, see GPU_REPORT_NOTES) at head dims 64, 72,
+    80, 96, 128, 256 and every table entry; else bf16 at head dims 64 and 128, the first
+    (preferred) entry of each."""
     dtypes = ("bf16", "fp16", "fp32") if all_configs else ("bf16",)
     head_dims = (64, 72, 80, 96, 128, 256) if all_configs else (64, 128)
     jobs = []
@@ -658,6 +708,7 @@ def _gpu_report_spec(dt_name, head_dim, config, has_lock):
     return dict(fn=_kv_lock_attn_fwd, const=const, types=types, warps=warps, stages=stages,
                 pointers=("Q", "K", "V", "KS", "VS", "LOCK", "OUT", "LSE"), unit_strides=("stride_locks",),
                 divisible=divisible, config=f"M{bm}/N{bn}/w{warps}/s{stages}",
+                block_flops=4 * bm * bn * const["BLOCK_D"],  # one QK and one PV dot per KV block
                 variant="locked" if has_lock else "plain",
                 classes=("every locked block class (w all 0, all 1, constant, mixed) runs this one code path"
                          if has_lock else "no lock (HAS_LOCK=False)"))

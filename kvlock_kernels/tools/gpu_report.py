@@ -10,9 +10,10 @@ Triton wheel.  Per compiled kernel:
   the asynchronous global->shared copies (LDGSTS = cp.async, UTMALDG = TMA) in the kernel;
 - the main loop: the backward branch whose body holds the most tensor-core instructions
   (else the longest one), and in its body, i.e. per loop iteration: SASS instructions,
-  tensor-core instructions (for the attention kernel: per KV block), async copies,
-  synchronous global loads (LDG), wgmma waits (WARPGROUP.DEPBAR, with their depths)
-  and cp.async waits (DEPBAR).
+  tensor-core instructions (for the attention kernel: per KV block) and their FLOPs
+  (against the block's useful FLOPs when the builder gives them: duplicated work is a
+  problem), async copies, synchronous global loads (LDG), wgmma waits
+  (WARPGROUP.DEPBAR, with their depths) and cp.async waits (DEPBAR).
 
     python -m kvlock_kernels.tools.gpu_report                 # default configs
     python -m kvlock_kernels.tools.gpu_report --all           # fp16, bf16, fp32, every head dim and config
@@ -30,9 +31,12 @@ of the non-i32 arguments), ``warps``, ``stages``, ``pointers`` (16-byte aligned 
 arguments), ``unit_strides`` (arguments specialised to 1) and ``config`` (a label); optional:
 ``variant`` (e.g. "plain" / "locked") and ``classes`` (which block classes that variant
 serves), ``divisible`` (the integer arguments that are multiples of 16; default: every
-``stride_*`` argument).  ``KERNEL_MODULES`` lists the modules asked; modules that do not
-exist yet are skipped, and modules without ``gpu_report_jobs`` fall back to the builders
-kept here (``FALLBACK_JOBS``).
+``stride_*`` argument), ``block_flops`` (the useful tensor-core FLOPs of one main-loop
+iteration: more in the SASS means work duplicated across warps, reported as a problem).
+A module may also define ``GPU_REPORT_NOTES`` (strings printed under the table, e.g. why
+a dtype has no configs).  ``KERNEL_MODULES`` lists the modules asked; modules that do
+not exist yet are skipped, and modules without ``gpu_report_jobs`` fall back to the
+builders kept here (``FALLBACK_JOBS``).
 """
 from __future__ import annotations
 
@@ -86,6 +90,8 @@ class Report:
     loop_found: bool = False
     loop_instructions: int = 0
     loop_mma: int = 0
+    loop_mma_flops: int = 0
+    block_flops: int = 0
     loop_async_copies: int = 0
     loop_sync_loads: int = 0
     loop_mma_waits: int = 0
@@ -146,7 +152,19 @@ def main_loop(instrs, labels):
     return None if best is None else best[1]
 
 
-def analyse_sass(sass: str) -> dict:
+def mma_flops(text: str, warps: int) -> int:
+    """FLOPs of one tensor-core instruction line for the whole CTA: HGMMA.MxNxK is issued
+    per warpgroup, HMMA.MNK (e.g. 16816 = m16 n8 k16) per warp."""
+    m = re.search(r"\bHGMMA\.(\d+)x(\d+)x(\d+)", text)
+    if m:
+        return 2 * int(m.group(1)) * int(m.group(2)) * int(m.group(3)) * max(1, warps // 4)
+    m = re.search(r"\bHMMA\.(16)(8)(\d+)", text)
+    if m:
+        return 2 * 16 * 8 * int(m.group(3)) * warps
+    return 0
+
+
+def analyse_sass(sass: str, warps: int = 4) -> dict:
     instrs, labels = parse_sass(sass)
     texts = [t for _, t in instrs]
     ops = Counter(m.group(1) for t in texts for m in [_MMA.search(t)] if m)
@@ -159,6 +177,7 @@ def analyse_sass(sass: str) -> dict:
         depths = [int(m.group(1), 16) for m in waits if m]
         out.update(loop_found=True, loop_instructions=len(body),
                    loop_mma=sum(bool(_MMA.search(t)) for t in body),
+                   loop_mma_flops=sum(mma_flops(t, warps) for t in body),
                    loop_async_copies=sum(bool(_ASYNC.search(t)) for t in body),
                    loop_sync_loads=sum(bool(re.search(r"\bLDG\.", t)) for t in body),
                    loop_mma_waits=len(depths), loop_mma_wait_depths=depths,
@@ -219,14 +238,19 @@ def compile_and_read(job) -> Report:
     local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
     static_shared = int(re.search(r"SHARED:(\d+)", usage).group(1))
     shared = compiled.metadata.shared + static_shared
-    stats = analyse_sass(sass)
+    stats = analyse_sass(sass, spec["warps"])
+    block_flops = int(spec.get("block_flops", 0))
     problems = []
     if stack or local or stats["spill_instructions"]:
         problems.append(f"spills ({stack + local} B stack/local, {stats['spill_instructions']} LDL/STL)")
+    if block_flops and stats.get("loop_mma_flops", 0) > block_flops:
+        problems.append(f"tensor-core work duplicated across warps ({stats['loop_mma_flops'] / block_flops:.2f}x "
+                        "the block's FLOPs per loop iteration)")
     if shared > SHARED_LIMIT[arch]:
         problems.append(f"shared {shared} B > {SHARED_LIMIT[arch]} B")
     return Report(kernel, arch, dtype_name, head_dim, spec["config"], variant=spec.get("variant", ""),
                   classes=spec.get("classes", ""), registers=regs, stack_bytes=stack + local, shared_bytes=shared,
+                  block_flops=block_flops,
                   ok=not problems, problem="; ".join(problems), **stats)
 
 
@@ -321,6 +345,18 @@ def default_jobs(all_configs: bool = False, archs=(80, 90), kernels=None):
     return jobs
 
 
+def report_notes(kernels=None) -> list:
+    """GPU_REPORT_NOTES of the kernel modules (those starting with a kernel name in
+    ``kernels`` when given)."""
+    notes = []
+    for name in KERNEL_MODULES:
+        module = _import_kernel_module(name)
+        for note in getattr(module, "GPU_REPORT_NOTES", ()) if module is not None else ():
+            if kernels is None or any(note.startswith(k) for k in kernels):
+                notes.append(note)
+    return notes
+
+
 def run(jobs, workers: int | None = None):
     """Compile jobs in fresh worker processes.  Workers never run under the Triton
     interpreter (its kernels cannot be compiled), whatever this process uses."""
@@ -376,17 +412,20 @@ def format_block_classes(reports) -> str:
     variants = sorted({v for g in groups.values() for v in g})
     classes = {r.variant: r.classes for r in reports if r.variant}
     lines = ["| kernel | arch | dtype | D | config | " + " | ".join(
-        f"{v}: MMA/block | {v}: SASS/block | {v}: waits" for v in variants) + " |",
-        "|" + "---|" * (5 + 3 * len(variants))]
+        f"{v}: MMA/block | {v}: MMA work | {v}: SASS/block | {v}: waits" for v in variants) + " |",
+        "|" + "---|" * (5 + 4 * len(variants))]
     for (kernel, arch, dtype, d, config), g in groups.items():
         cells = []
         for v in variants:
             r = g.get(v)
             ok = r is not None and r.loop_found
-            cells += [str(r.loop_mma) if ok else "-", str(r.loop_instructions) if ok else "-",
+            work = f"{r.loop_mma_flops / r.block_flops:.2f}x" if ok and r.block_flops else "-"
+            cells += [str(r.loop_mma) if ok else "-", work, str(r.loop_instructions) if ok else "-",
                       _waits(r) if r is not None else "-"]
         lines.append(f"| {kernel} | sm_{arch} | {dtype} | {d} | {config} | " + " | ".join(cells) + " |")
-    lines.append("\n" + "; ".join(f"{v}: {c}" for v, c in classes.items() if c))
+    lines.append("\n" + "; ".join(f"{v}: {c}" for v, c in classes.items() if c)
+                 + ".  MMA work: tensor-core FLOPs of one loop iteration / the block's useful FLOPs "
+                 "(1.00x: no work duplicated across warps).")
     return "\n".join(lines)
 
 
@@ -402,6 +441,8 @@ def main(argv=None) -> int:
     classes = format_block_classes(reports)
     if classes:
         print("\n## per block class\n\n" + classes)
+    for note in report_notes(args.kernels):
+        print(f"\nnote: {note}")
     bad = [r for r in reports if not r.ok]
     print(f"\n{len(reports) - len(bad)}/{len(reports)} configs ok" + (f"; {len(bad)} failing" if bad else ""))
     return 1 if bad else 0

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ..._validate import check_int, describe
+from ..._validate import check_int, check_mask, describe
 from ...cache.ring_buffer import KVRingBuffer
 from ...control.cfg_zero_star_scale import cfg_zero_star_scale
 from ...control.kvlock_guidance import kvlock_guidance
@@ -72,7 +72,8 @@ def _scheduler_kind(sched) -> str:
         if config.prediction_type == "v_prediction":
             return "v_prediction"
         raise ValueError(f"{type(sched).__name__} with prediction_type={config.prediction_type!r}: the editor runs "
-                         "DDPM loops in v-prediction form (CogVideoX's checkpoints); set prediction_type='v_prediction'")
+                         "DDPM loops in v-prediction form (CogVideoX's checkpoints); set "
+                         "prediction_type='v_prediction'")
     raise TypeError(
         f"noise_scheduler must be a flow-matching scheduler (FlowMatchEulerDiscreteScheduler, or UniPC / DPM-Solver "
         f"multistep with use_flow_sigmas=True and prediction_type='flow_prediction') for flow-matching models, or a "
@@ -219,6 +220,10 @@ class KVLockEditor:
     def _branch_kwargs(self, prompt_kwargs, negative_prompt_kwargs, source_prompt_kwargs, with_source: bool) -> dict:
         """Per-branch model inputs concatenated in the batch order."""
         required = getattr(self.adapter, "branch_inputs", ())
+        for name, d in (("prompt_kwargs", prompt_kwargs), ("negative_prompt_kwargs", negative_prompt_kwargs),
+                        ("source_prompt_kwargs", source_prompt_kwargs)):
+            if d is not None and not isinstance(d, dict):
+                raise TypeError(f"{name} must be a dict of per-branch model inputs or None, got {describe(d)}")
         dicts = [prompt_kwargs or {}, negative_prompt_kwargs or {}]
         if with_source:
             src = source_prompt_kwargs if source_prompt_kwargs is not None else negative_prompt_kwargs
@@ -287,6 +292,7 @@ class KVLockEditor:
             raise TypeError(f"fg_mask must be a torch.Tensor (F, H, W) (convert a numpy mask with torch.from_numpy), "
                             f"got {describe(fg_mask)}")
         spatial = tuple(source_latents.shape[2:])
+        check_mask("fg_mask", fg_mask, ndim=3, layout="(F, H, W)")  # kind, dtype and values (one host read)
         if tuple(fg_mask.shape) != spatial:
             raise ValueError(f"fg_mask must be the latent-resolution mask (F, H, W) = {spatial}, "
                              f"got {tuple(fg_mask.shape)}")
@@ -305,6 +311,9 @@ class KVLockEditor:
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1 denoising steps, got {num_steps}")
         num_steps = int(num_steps)
+        if transformer_kwargs is not None and not isinstance(transformer_kwargs, dict):
+            raise TypeError(f"transformer_kwargs must be a dict of model inputs or None, got "
+                            f"{describe(transformer_kwargs)}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {describe(generator)}")
 
@@ -316,9 +325,11 @@ class KVLockEditor:
             family_inputs["expand_timesteps"] = self.expand_timesteps
         ctx = self.adapter.loop_context(self.transformer, source_latents, **family_inputs)
         src_embeds = negative_prompt_embeds if source_prompt_embeds is None else source_prompt_embeds
+        branch_inputs = (prompt_kwargs, negative_prompt_kwargs, source_prompt_kwargs)
+        self._branch_kwargs(*branch_inputs, with_source=True)  # checked before anything runs
         fg_mask = fg_mask.to(device)
         # The mask is checked (one host read) here, once; per step nothing is read back.
-        tokens = latent_mask_to_tokens(fg_mask, patch=self.adapter.patch_size(self.transformer))
+        tokens = latent_mask_to_tokens(fg_mask, patch=self.adapter.patch_size(self.transformer), check_values=False)
         kv_lock = self.kv_lock if self.kv_lock is not None else KVLockScheduler.for_steps(num_steps, device=device)
         if kv_lock.num_steps != num_steps:
             raise ValueError(f"kv_lock was built for {kv_lock.num_steps} steps, edit asks for {num_steps}")
@@ -341,8 +352,7 @@ class KVLockEditor:
                           kernel_backend=self.backend if self.attention == "fused" else "auto")
         try:
             return self._run(source_latents, fg_mask, tokens, prompt_embeds, negative_prompt_embeds, src_embeds,
-                             num_steps, timesteps, latents, eps, kv_lock, ctx, tqdm,
-                             (prompt_kwargs, negative_prompt_kwargs, source_prompt_kwargs))
+                             num_steps, timesteps, latents, eps, kv_lock, ctx, tqdm, branch_inputs)
         finally:
             for model in self.experts:
                 if is_kvlock_enabled(model):

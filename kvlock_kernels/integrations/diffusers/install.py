@@ -20,6 +20,7 @@ settings made while KV-Lock was on are carried over to the restored processors.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 from typing import Optional
@@ -50,6 +51,7 @@ class _Install:
         self.provider = None
         self.processors: list = []
         self.heads = 0
+        self.dispatch_module = _ModuleRef(None)
 
 
 class _PreForward:
@@ -75,8 +77,13 @@ class _PreForward:
         return None
 
 
+def _unwrap(transformer):
+    """The model behind a ``torch.compile`` wrapper (OptimizedModule)."""
+    return getattr(transformer, "_orig_mod", transformer)
+
+
 def _get(transformer) -> Optional[_Install]:
-    return transformer.__dict__.get(_INSTALL_ATTR)
+    return getattr(_unwrap(transformer), "__dict__", {}).get(_INSTALL_ATTR)
 
 
 def is_kvlock_enabled(transformer) -> bool:
@@ -143,6 +150,29 @@ def _check_call(transformer, install: _Install, hidden_states) -> None:
         raise ValueError("KV-Lock reads full (k, v) entries: use a KVRingBuffer without compact=True")
 
 
+class _ModuleRef:
+    """A module reference that deep copies of the model share (modules cannot be copied)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def _dispatch_module(adapter) -> _ModuleRef:
+    """The module whose ``dispatch_attention_fn`` the family's stock processor calls."""
+    from diffusers.models import attention_dispatch
+
+    from .processors import ORIGINAL_DISPATCH
+
+    module = None if adapter.dispatch_module is None else importlib.import_module(adapter.dispatch_module)
+    if ORIGINAL_DISPATCH[0] is None:
+        source = getattr(module, "dispatch_attention_fn", None) if module is not None else None
+        ORIGINAL_DISPATCH[0] = source or attention_dispatch.dispatch_attention_fn
+    return _ModuleRef(module)
+
+
 def enable_kvlock(transformer, plan=None, *, attention: str = "diffusers", kernel_backend: str = "auto",
                   epilogue_backend: str = "auto") -> None:
     """Install KV-Lock processors on every self-attention module of ``transformer``.
@@ -160,6 +190,7 @@ def enable_kvlock(transformer, plan=None, *, attention: str = "diffusers", kerne
             Triton kernel on CUDA; "torch"; "triton").
     Calling it again re-installs with the new options (and plan).
     """
+    transformer = _unwrap(transformer)
     adapter = adapter_for(transformer)
     check_choice("attention", attention, ATTENTION_PATHS)
     check_choice("kernel_backend", kernel_backend, ("auto", "triton", "torch"))
@@ -171,6 +202,7 @@ def enable_kvlock(transformer, plan=None, *, attention: str = "diffusers", kerne
     modules = adapter.attention_modules(transformer)
     install = _Install(adapter, modules, attention, kernel_backend, epilogue_backend)
     install.heads = adapter.heads(transformer)
+    install.dispatch_module = _dispatch_module(adapter)
     for i, (_, attn) in enumerate(modules):
         current = attn.processor
         if isinstance(current, KVLockProcessor):  # re-enable: keep what the old one replaced
@@ -215,7 +247,12 @@ def disable_kvlock(transformer) -> None:
     install = _get(transformer)
     if install is None:
         return
+    transformer = _unwrap(transformer)
     install.hook.remove()
+    # A KV-Lock processor kept elsewhere (CogVideoX's fuse_qkv_projections records the
+    # processors it replaces and unfuse puts them back) runs the stock math from now on.
+    install.provider = None
+    install.plan = KVLockPlan.off()
     for _, attn in install.modules:
         current = attn.processor
         if isinstance(current, KVLockProcessor) and current._install is install:

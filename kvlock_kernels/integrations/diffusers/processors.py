@@ -24,11 +24,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ...attention.epilogue import qkv_epilogue as _qkv_epilogue_op
 from ...attention.kv_lock_attention import kv_lock_attention
 from . import parallel
 from .plan import SOURCE_INDEX, KVLockPlan
-
-from ...attention.epilogue import qkv_epilogue as _qkv_epilogue_op
 
 __all__ = ["KVLockProcessor", "NormSpec", "norm_spec", "epilogue"]
 
@@ -84,6 +83,24 @@ def epilogue(q, k, v, *, heads: int, norm_q: NormSpec, norm_k: NormSpec, rope: s
     return _qkv_epilogue_op(q, k, v, backend=_epilogue_backend(q, backend), check_inputs=False, **kwargs)
 
 
+def _dispatch_fn(family_module):
+    """diffusers' ``dispatch_attention_fn``, looked up where the stock processor looks it up
+    (its model module's global), or in ``attention_dispatch`` when that is where a caller
+    replaced it (a wrapper, a spy).  ``family_module``: the module object or None."""
+    from diffusers.models import attention_dispatch
+
+    current = attention_dispatch.dispatch_attention_fn
+    if family_module is None:
+        return current
+    fn = getattr(family_module, "dispatch_attention_fn", None)
+    return current if fn is None or fn is ORIGINAL_DISPATCH[0] else fn
+
+
+# diffusers' own function, recorded when KV-Lock is installed: a family module's global
+# that is still this one defers to attention_dispatch's (possibly wrapped) attribute.
+ORIGINAL_DISPATCH = [None]
+
+
 class KVLockProcessor:
     """Base of the family processors: plan access, the lock's source, capture, attention.
 
@@ -136,6 +153,8 @@ class KVLockProcessor:
         q, k, v = epilogue(q, k, v, heads=heads, norm_q=norm_q, norm_k=norm_k, rope=rope, cos=cos, sin=sin,
                            lock=lock, k_src=k_src, v_src=v_src, source_index=source_index,
                            backend=self._install.epilogue_backend)
+        if k_src is not None:
+            self.release_source(plan)
         if plan.mode == "capture":
             plan.cache.put((plan.step, self.layer), k[SOURCE_INDEX], v[SOURCE_INDEX])
         return q, k, v
@@ -163,10 +182,13 @@ class KVLockProcessor:
         if k_src.shape[0] != num_video:
             k_src = parallel.shard_tokens(k_src, 0, cp, name="cached source K", expected=num_video, layer=self.layer)
             v_src = parallel.shard_tokens(v_src, 0, cp, name="cached source V", expected=num_video, layer=self.layer)
-        if plan.discard_after_use:
-            # Its slot is free for the next prefetch; the views stay valid until then.
-            plan.cache.discard((plan.step, self.layer))
         return lock, k_src[None], v_src[None], None
+
+    def release_source(self, plan: KVLockPlan) -> None:
+        """After the cached source K/V were used: free their slot for the next prefetch
+        (``discard_after_use``, one model call per step as in KVLockEditor)."""
+        if plan.mode == "lock" and plan.source == "cache" and plan.discard_after_use:
+            plan.cache.discard((plan.step, self.layer))
 
     # ------------------------------------------------------------------ attention
     def attend(self, q, k, v, attention_mask=None, *, video_start: int = 0, video_len: Optional[int] = None,
@@ -175,12 +197,11 @@ class KVLockProcessor:
         ``dispatch_attention_fn`` with the module's backend and parallel config; or
         KV-Lock's fused kernel.  [video_start, video_start + video_len) are the video
         tokens (the locked ones) inside the sequence."""
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
         pc = self._parallel_config if parallel_config == "module" else parallel_config
         if self._install.attention == "diffusers":
-            return dispatch_attention_fn(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                         backend=self._attention_backend, parallel_config=pc)
+            dispatch = _dispatch_fn(self._install.dispatch_module.module)
+            return dispatch(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                            backend=self._attention_backend, parallel_config=pc)
         plan = self.plan
         lock = k_src = v_src = None
         if plan.mode == "lock":
@@ -197,9 +218,12 @@ class KVLockProcessor:
         cp = None if pc is None else getattr(pc, "context_parallel_config", None)
         backend = self._install.kernel_backend
         if cp is not None:
-            return parallel.context_parallel_kv_lock_attention(q, k, v, k_src, v_src, lock, cp, backend=backend)
-        if lock is None:
-            return kv_lock_attention(q, k, v, backend=backend)
-        # Lock weights are built in [0, 1] by the plan: no host-side value check.
-        return kv_lock_attention(q, k, v, k_src.expand(q.shape[0], -1, -1, -1), v_src.expand(q.shape[0], -1, -1, -1),
-                                 lock, backend=backend, check_inputs=False)
+            out = parallel.context_parallel_kv_lock_attention(q, k, v, k_src, v_src, lock, cp, backend=backend)
+        elif lock is None:
+            out = kv_lock_attention(q, k, v, backend=backend)
+        else:
+            # Lock weights are built in [0, 1] by the plan: no host-side value check.
+            out = kv_lock_attention(q, k, v, k_src.expand(q.shape[0], -1, -1, -1),
+                                    v_src.expand(q.shape[0], -1, -1, -1), lock, backend=backend, check_inputs=False)
+        self.release_source(plan)
+        return out

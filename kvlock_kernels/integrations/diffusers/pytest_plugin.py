@@ -1,6 +1,6 @@
 """Run diffusers' own test suites with KV-Lock installed.
 
-    pytest -p kvlock_kernels.integrations.diffusers.pytest_plugin tests/models/transformers/test_models_transformer_wan.py
+    cd diffusers && pytest -p kvlock_kernels.integrations.diffusers.pytest_plugin tests/models/transformers
 
 Every model of a supported class (``adapter_for``: Wan, WanVACE, CogVideoX, HunyuanVideo)
 that the tests construct (directly, ``from_config`` or ``from_pretrained``) gets
@@ -42,6 +42,8 @@ def plugin_settings() -> dict:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"KVLOCK_PYTEST_ALPHA must be in [0, 1], got {alpha}")
     attention = os.environ.get("KVLOCK_PYTEST_ATTENTION", "diffusers")
+    if attention not in ("diffusers", "fused"):
+        raise ValueError(f"KVLOCK_PYTEST_ATTENTION must be 'diffusers' or 'fused', got {attention!r}")
     return dict(mode=mode, alpha=alpha, attention=attention)
 
 

@@ -70,8 +70,14 @@ def tiny_inputs(family: str, batch: int, *, latent=LATENT, seed: int = 1, timest
     F, H, W = latent
     t = torch.full((batch,), timestep)
     if family == "cogvideox":
+        from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+        # RoPE on the video tokens as CogVideoX 1.0 pipelines build it (head_dim 16, patch 2).
+        rope = get_3d_rotary_pos_embed(embed_dim=16, crops_coords=((0, 0), (H // 2, W // 2)),
+                                       grid_size=(H // 2, W // 2), temporal_size=F)
         return dict(hidden_states=torch.randn(batch, F, 4, H, W, generator=g), timestep=t,
-                    encoder_hidden_states=torch.randn(batch, TEXT_LEN, 32, generator=g), return_dict=False)
+                    encoder_hidden_states=torch.randn(batch, TEXT_LEN, 32, generator=g), image_rotary_emb=rope,
+                    return_dict=False)
     channels = {"wan_i2v": 12, "wan_ti2v": 48}.get(family, 4)
     # Wan's I2V processor takes the last 512 context tokens as text (hard-coded upstream).
     text = 512 if family == "wan_i2v" else TEXT_LEN

@@ -51,6 +51,9 @@ class ModelAdapter:
     supports_context_parallel: bool = False
     #: the KV-Lock processor class (set by the family file)
     processor_cls = None
+    #: the module whose ``dispatch_attention_fn`` global the stock processor calls (None:
+    #: the stock processor calls SDPA itself; KV-Lock then uses ``attention_dispatch``'s)
+    dispatch_module = None
 
     # ------------------------------------------------------------------ classes
     def model_classes(self) -> tuple:

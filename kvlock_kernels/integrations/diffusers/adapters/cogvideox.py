@@ -77,7 +77,8 @@ class CogVideoXAdapter(ModelAdapter):
     processor_cls = KVLockCogVideoXAttnProcessor
 
     def attention_modules(self, transformer):
-        return [(f"transformer_blocks.{i}.attn1", block.attn1) for i, block in enumerate(transformer.transformer_blocks)]
+        blocks = transformer.transformer_blocks
+        return [(f"transformer_blocks.{i}.attn1", block.attn1) for i, block in enumerate(blocks)]
 
     def patch_size(self, transformer):
         p = int(transformer.config.patch_size)

@@ -81,6 +81,7 @@ class HunyuanVideoAdapter(ModelAdapter):
     input_layout = "bcfhw"
     model_attention_mask = True
     supports_context_parallel = False  # diffusers has no _cp_plan for HunyuanVideo
+    dispatch_module = "diffusers.models.transformers.transformer_hunyuan_video"
     processor_cls = KVLockHunyuanVideoAttnProcessor
     #: per-branch inputs the model needs besides the text embeddings
     branch_inputs = ("encoder_attention_mask", "pooled_projections")

@@ -62,6 +62,7 @@ class WanAdapter(ModelAdapter):
     prediction = "flow"
     input_layout = "bcfhw"
     supports_context_parallel = True
+    dispatch_module = "diffusers.models.transformers.transformer_wan"
     processor_cls = KVLockWanAttnProcessor
 
     def attention_modules(self, transformer):
@@ -110,7 +111,8 @@ class WanAdapter(ModelAdapter):
                              "CLIP image embeddings WanImageToVideoPipeline.encode_image returns")
         if image_embeds is not None:
             if config.image_dim is None:
-                raise ValueError("image_embeds given but this transformer has no image cross-attention (image_dim None)")
+                raise ValueError("image_embeds given but this transformer has no image cross-attention "
+                                 "(image_dim is None)")
             if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 3 or image_embeds.shape[0] != 1:
                 raise ValueError(f"image_embeds must be (1, N, {config.image_dim}), got {_shape(image_embeds)}")
         return LoopContext(condition=condition, image_embeds=image_embeds, expand_timesteps=bool(expand_timesteps),

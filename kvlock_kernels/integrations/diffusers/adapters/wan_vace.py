@@ -28,6 +28,7 @@ class WanVACEAdapter(ModelAdapter):
     input_layout = "bcfhw"
     # diffusers defines no _cp_plan for VACE: which tokens a rank holds is unknown.
     supports_context_parallel = False
+    dispatch_module = "diffusers.models.transformers.transformer_wan"
     processor_cls = KVLockWanAttnProcessor
 
     def attention_modules(self, transformer):
