@@ -240,6 +240,9 @@ def test_hunyuan_video_edit_with_per_branch_inputs():
                              negative_prompt_kwargs=dict(branch, pooled_projections=torch.randn(1, 8)),
                              transformer_kwargs={"guidance": torch.tensor([3500.0])})
     assert torch.isfinite(out).all() and len(trace) == 3
+    with pytest.raises(TypeError, match=r"got unexpected \['condition'\]"):
+        editor.edit(source(), fg_mask(), pe, ne, num_steps=3, condition=torch.randn(1, 4, F, H, W),
+                    prompt_kwargs=branch, negative_prompt_kwargs=branch)
 
 
 @pytest.mark.parametrize("source_mode", ["branch", "inversion"])
@@ -252,7 +255,8 @@ def test_fused_kernel_edit_matches_the_dispatch_edit(source_mode):
     for attention in ("diffusers", "fused"):
         editor = KVLockEditor(model, ddim_sched(), source=source_mode, attention=attention, backend="torch",
                               progress=False)
-        outs.append(editor.edit(source(), fg_mask(), pe, ne, num_steps=3, generator=torch.Generator().manual_seed(1))[0])
+        gen = torch.Generator().manual_seed(1)
+        outs.append(editor.edit(source(), fg_mask(), pe, ne, num_steps=3, generator=gen)[0])
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
 
 

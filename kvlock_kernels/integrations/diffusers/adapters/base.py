@@ -106,10 +106,19 @@ class ModelAdapter:
             return kwargs["hidden_states"]
         return args[0] if args else None
 
-    def loop_context(self, transformer, source_latents: torch.Tensor, **inputs) -> LoopContext:
+    def loop_context(self, transformer, source_latents: torch.Tensor, *, transformer_kwargs=None,
+                     **unused) -> LoopContext:
         """Check and prepare this family's extra edit inputs once per edit (the default
         family takes none besides ``transformer_kwargs``)."""
-        return LoopContext(transformer_kwargs=inputs.pop("transformer_kwargs", None) or {}, **inputs)
+        if unused:
+            raise TypeError(f"{self.family} editing takes its extra model inputs in transformer_kwargs (and "
+                            f"per-branch ones in *_prompt_kwargs); got unexpected {sorted(unused)}")
+        in_channels = getattr(transformer.config, "in_channels", None)
+        if in_channels is not None and int(in_channels) != source_latents.shape[1]:
+            raise ValueError(f"source_latents have {source_latents.shape[1]} channels but this {self.family} "
+                             f"transformer takes {in_channels} (an image-conditioned variant the editor does not "
+                             "build inputs for)")
+        return LoopContext(transformer_kwargs=transformer_kwargs or {})
 
     def to_model_layout(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, F, H, W) editor latents -> the model's input layout."""
