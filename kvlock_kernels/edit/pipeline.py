@@ -116,16 +116,10 @@ def _editor_class():
     return KVLockEditor
 
 
-def _editor_params() -> set:
-    return set(inspect.signature(_editor_class().__init__).parameters)
-
-
 def _adapter(transformer):
-    """The integration's adapter for this transformer (its family, loop form), or None."""
-    try:
-        from ..diffusers import adapter_for
-    except ImportError:  # pragma: no cover - an integration without the adapter table
-        return None
+    """The integration's adapter for this transformer (its family, loop form)."""
+    from ..diffusers import adapter_for
+
     try:
         return adapter_for(transformer)
     except TypeError as e:
@@ -150,8 +144,7 @@ def check_pipeline(pipe) -> Dict[str, Any]:
     if transformer is None:
         raise UnsupportedModelError(f"{name} has no high-noise transformer (only transformer_2)")
     adapter = _adapter(transformer)
-    family = getattr(adapter, "name", None) or ("wan" if type(transformer).__name__ == "WanTransformer3DModel"
-                                                else type(transformer).__name__)
+    family = adapter.name
     if family not in VIDEO_FAMILIES:
         why = {"wan_vace": "WanVACE needs its control video and reference inputs, which an edit from a mask does not "
                            "provide",
@@ -180,15 +173,8 @@ def check_pipeline(pipe) -> Dict[str, Any]:
             "which the edit may change) is not run by kvlock-edit; use a text-to-video checkpoint")
     cfg = getattr(pipe, "config", {}) or {}
     boundary = cfg.get("boundary_ratio", None) if hasattr(cfg, "get") else None
-    params = _editor_params()
-    if transformer_2 is not None and "transformer_2" not in params:
-        raise UnsupportedModelError(f"{name} has two experts (transformer, transformer_2; Wan2.2 A14B) but this "
-                                    "build's KVLockEditor takes no transformer_2")
     expand = bool(cfg.get("expand_timesteps", False)) if hasattr(cfg, "get") else False
-    if expand and "expand_timesteps" not in params:
-        raise UnsupportedModelError(f"{name} uses per-token timesteps (expand_timesteps=True: Wan2.2 TI2V-5B), "
-                                    "which this build's KVLockEditor does not run")
-    prediction = getattr(adapter, "prediction", "flow")
+    prediction = adapter.prediction
     sched = check_flow_matching(pipe.scheduler) if prediction == "flow" else check_v_prediction(pipe.scheduler)
     return {"pipeline": name, "family": family, "transformer": type(transformer).__name__,
             "transformer_2": type(transformer_2).__name__ if transformer_2 is not None else None,
@@ -676,20 +662,17 @@ class KVLockVideoEditor:
         return type(s).from_config(s.config)
 
     def _make_editor(self, scheduler, kv_lock):
-        cls = _editor_class()
-        params = _editor_params()
         kw = {"kv_lock": kv_lock, "source": self.source, "backend": self.backend, "progress": self.progress}
         if self.cache_capacity is not None:
             kw["cache_capacity"] = self.cache_capacity
         t2 = getattr(self.pipe, "transformer_2", None)
         if t2 is not None:
             kw["transformer_2"] = t2
-            if "boundary_ratio" in params:
-                kw["boundary_ratio"] = self.model_info["boundary_ratio"]
+            kw["boundary_ratio"] = self.model_info["boundary_ratio"]
         if self.model_info["expand_timesteps"]:
             kw["expand_timesteps"] = True
         try:
-            return cls(self.pipe.transformer, scheduler, **{k: v for k, v in kw.items() if k in params})
+            return _editor_class()(self.pipe.transformer, scheduler, **kw)
         except (TypeError, ValueError) as e:
             raise UnsupportedModelError(f"KVLockEditor cannot run this checkpoint: {e}") from None
 
