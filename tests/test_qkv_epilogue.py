@@ -470,7 +470,7 @@ BAD = [
     (dict(rope_sin=torch.randn(7, 16)), ValueError, "rope_sin must have rope_cos's shape"),
     (dict(rope_start=2), ValueError, "rope_start \\+ S_rope must be <= S"),
     (dict(rope_start=-1), ValueError, "rope_start must be an int >= 0"),
-    (dict(lock=torch.full((2, 8), 1.5)), ValueError, "lock values must lie in"),
+    (dict(lock=torch.full((2, 8), 1.5)), ValueError, r"lock values must be in \[0, 1\]"),
     (dict(lock=torch.rand(2, 9)), ValueError, "lock must have shape"),
     (dict(lock=0.3), TypeError, "lock must be a torch.Tensor"),
     (dict(k_src=None, v_src=None), ValueError, "lock needs a source"),

@@ -485,11 +485,6 @@ NOT_CONFORMING = {
     ("kv_lock_attention", "return_lse"): "engineer A: return_lse is not checked to be a bool (1, 0, None, 1.0 "
                                          "run silently; 'True' or an object raise RuntimeError from the op schema)",
     ("kv_lock_attention", "check_inputs"): "engineer A: check_inputs is not checked to be a bool (any object runs)",
-    ("lock_kv", "check_inputs"): "engineer B: check_inputs is not checked to be a bool (any object runs)",
-    ("lock_kv", "lock"): "engineer B: check_lock reads the lock's values before the device check; a lock on "
-                         "another device such as meta raises RuntimeError (Tensor.item) instead of ValueError",
-    ("qkv_epilogue", "check_inputs"): "engineer B: check_inputs is not checked to be a bool (any object runs)",
-    ("qkv_epilogue", "lock"): "engineer B: lock values read before the device check (RuntimeError on a meta lock)",
 }
 
 

@@ -45,14 +45,22 @@ from .. import reference
 from .._autograd import register_recompute_backward
 from .._triton_helpers import cast_for_store
 from .._utils import device_guard, triton_interpreting
-from .._validate import check_choice, check_int, check_real, check_same_device, check_same_dtype, check_tensor
+from .._validate import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_real,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+)
 from ..reference.epilogue import NORMS, ROPES, rope_table
 from .lock_kv import (
     DTYPES,
     _runs_triton,
     check_backend,
-    check_lock,
     check_source,
+    lock_weights_2d,
     needs_grad,
     row_strides,
     stride_align,
@@ -690,12 +698,13 @@ def qkv_epilogue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, heads: in
     k_src, v_src = (t.unflatten(-1, (heads, D)) if isinstance(t, torch.Tensor) and t.dim() == 3
                     and t.shape[-1] == heads * D else t for t in (k_src, v_src))
     src = check_source(k_src, v_src, source_index, B, (S, heads, D), q, required=lock is not None, ref_name="q")
-    lock2 = check_lock(lock, B, S, check_inputs) if lock is not None else None
+    check_bool("check_inputs", check_inputs)
     shape = (B, S, heads, D)
     outs = _check_out(out, shape, q) if out is not None else None
     check_same_device(q=q, k=k, v=v, norm_q_weight=wq, norm_q_bias=bq, norm_k_weight=wk, norm_k_bias=bk,
-                      rope_cos=cos, rope_sin=sin, lock=lock2, k_src=k_src, v_src=v_src,
+                      rope_cos=cos, rope_sin=sin, lock=lock, k_src=k_src, v_src=v_src,
                       **({} if outs is None else dict(q_out=outs[0], k_out=outs[1], v_out=outs[2])))
+    lock2 = lock_weights_2d(lock, B, S, check_inputs) if lock is not None else None
     check_backend(backend, q.dtype, q.device)
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))

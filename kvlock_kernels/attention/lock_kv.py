@@ -31,8 +31,16 @@ import triton.language as tl
 from .. import reference
 from .._autograd import register_recompute_backward
 from .._triton_helpers import cast_for_store
-from .._utils import device_guard, host_checks_allowed, triton_interpreting, use_triton
-from .._validate import check_choice, check_int, check_same_device, check_same_dtype, check_tensor
+from .._utils import device_guard, triton_interpreting, use_triton
+from .._validate import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_lock,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+)
 
 __all__ = ["lock_kv", "LAUNCH_CONFIGS", "launch_config", "gpu_report_jobs"]
 
@@ -300,24 +308,11 @@ def _(k, v, lock, k_src, v_src, source_index, backend):
 # --------------------------------------------------------------------------------------
 # Argument checks (shared with qkv_epilogue)
 # --------------------------------------------------------------------------------------
-def check_lock(lock, batch: int, seqlen: int, check_values: bool) -> torch.Tensor:
-    """lock: (S,), (1, S) or (B, S), float in [0, 1] or bool.  Returns a 2-D (1|B, S)
-    floating tensor (bool -> fp32, floats unchanged)."""
-    check_tensor("lock", lock, dtypes=LOCK_DTYPES, layout="(S,), (1, S) or (B, S)")
-    given = tuple(lock.shape)
-    view = lock[None] if lock.dim() == 1 else lock
-    if view.dim() != 2 or view.shape[1] != seqlen or view.shape[0] not in (1, batch):
-        raise ValueError(f"lock must have shape (S,), (1, S) or (B, S) with B={batch}, S={seqlen}; got {given}")
-    if view.dtype == torch.bool:
-        return view.to(torch.float32)
-    if check_values and host_checks_allowed() and view.numel() > 0:
-        bad = ~((view >= 0) & (view <= 1))  # NaN fails both comparisons
-        if bool(bad.any()):
-            finite = view[~torch.isnan(view)]
-            seen = f"min {finite.min().item():g}, max {finite.max().item():g}" if finite.numel() else "no numbers"
-            raise ValueError(f"lock values must lie in [0, 1] (no NaN); got {seen}, "
-                             f"{int(torch.isnan(view).sum())} NaN")
-    return view
+def lock_weights_2d(lock, batch: int, seqlen: int, check_values: bool) -> torch.Tensor:
+    """lock: (S,), (1, S) or (B, S), float in [0, 1] or bool (``_validate.check_lock``).
+    Returns a 2-D (1|B, S) floating tensor (bool -> fp32, floats unchanged)."""
+    view = check_lock(lock, batch, seqlen, check_values=check_values)
+    return view.to(torch.float32) if view.dtype == torch.bool else view
 
 
 def check_source(k_src, v_src, source_index, batch: int, tail: tuple, ref: torch.Tensor, *, required: bool,
@@ -393,12 +388,12 @@ def lock_kv(k: torch.Tensor, v: torch.Tensor, lock: torch.Tensor, *, k_src: Opti
     check_same_dtype("v", v, "k", k)
     if tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"v must have k's shape {BSHD} = {tuple(k.shape)}, got {tuple(v.shape)}")
-    if not isinstance(inplace, bool):
-        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    check_bool("inplace", inplace)
+    check_bool("check_inputs", check_inputs)
     B, S, H, D = k.shape
     src = check_source(k_src, v_src, source_index, B, (S, H, D), k, required=True)
-    lock2 = check_lock(lock, B, S, check_inputs)
     check_same_device(k=k, v=v, lock=lock, k_src=k_src, v_src=v_src)
+    lock2 = lock_weights_2d(lock, B, S, check_inputs)
     check_backend(backend, k.dtype, k.device)
     if inplace and not torch.compiler.is_compiling() and k.numel() > 0 and k.data_ptr() == v.data_ptr():
         raise ValueError("inplace=True needs k and v in different memory (got the same storage offset)")
