@@ -42,24 +42,19 @@ def test_sass_main_loop_analysis():
 
 
 def test_job_protocol(monkeypatch):
-    """Modules define gpu_report_jobs; missing modules are skipped; modules without it use
-    the builders kept in gpu_report."""
+    """Modules define gpu_report_jobs; missing modules and modules without it are skipped."""
     fake = types.ModuleType("fake_kernels_for_report")
     fake.gpu_report_jobs = lambda arch, all_configs: [("fake", fake.__name__, "build", arch, "bf16", 0, (1, 2))]
+    without = types.ModuleType("fake_kernels_without_jobs")
     monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    monkeypatch.setitem(sys.modules, without.__name__, without)
     monkeypatch.setattr(gpu_report, "KERNEL_MODULES",
-                        (fake.__name__, "kvlock_kernels.attention.not_written_yet", ATTENTION,
-                         "kvlock_kernels.control.kvlock_guidance"))
-    monkeypatch.setattr(gpu_report, "FALLBACK_JOBS", {
-        "kvlock_kernels.control.kvlock_guidance": gpu_report._fallback("kvlock_guidance", "_guidance_job", 0)})
-    jobs = gpu_report.default_jobs(False, archs=(90,))
-    kernels = [j[0] for j in jobs]
-    assert kernels[0] == "fake" and "kv_lock_attention" in kernels
-    guidance = [j for j in jobs if j[0] == "kvlock_guidance"]
-    if not hasattr(sys.modules["kvlock_kernels.control.kvlock_guidance"], "gpu_report_jobs"):
-        assert guidance and guidance[0][1:3] == ("kvlock_kernels.tools.gpu_report", "_guidance_job")
-    assert all(len(j) == 7 for j in jobs)
-    assert gpu_report.default_jobs(False, archs=(90,), kernels={"fake"}) == [jobs[0]]
+                        (fake.__name__, "kvlock_kernels.attention.not_written_yet", without.__name__, ATTENTION))
+    jobs = gpu_report.default_jobs(False, archs=(80, 90))
+    assert jobs[:2] == [("fake", fake.__name__, "build", 80, "bf16", 0, (1, 2)),
+                        ("fake", fake.__name__, "build", 90, "bf16", 0, (1, 2))]
+    assert {j[0] for j in jobs} == {"fake", "kv_lock_attention"} and all(len(j) == 7 for j in jobs)
+    assert gpu_report.default_jobs(False, archs=(90,), kernels={"fake"}) == [jobs[1]]
 
 
 def test_fp32_note():
@@ -104,7 +99,7 @@ def test_locked_issues_the_plain_tensor_core_work(default_attention_reports):
         if key[0] == 90:  # the plain loop waits for its QK wgmma only; PV stays in flight
             assert pair["plain"].loop_mma_wait_depths == [0], key
     table = gpu_report.format_block_classes(default_attention_reports)
-    assert "locked: MMA/block" in table and "one code path" in table
+    assert "### kv_lock_attention" in table and "locked: MMA/block" in table and "one code path" in table
 
 
 def test_report_flags_spills():

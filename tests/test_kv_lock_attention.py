@@ -376,6 +376,7 @@ def test_nan_source_under_weight_zero_is_not_read(backend):
     torch.testing.assert_close(out, reference.kv_lock_attention(q, k, v, ks, vs, lock), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_nan_source_backends_agree():
     """Weight 0: a NaN source key is not read (finite output, both backends).  Weight
     0.5: it reaches the blended key, and every query row of that batch entry's KV-head
@@ -396,6 +397,43 @@ def test_nan_source_backends_agree():
         assert torch.equal(torch.isnan(out), expected)
     finite = ~expected
     torch.testing.assert_close(outs["triton"][finite], outs["torch"][finite], atol=1e-5, rtol=1e-5)
+
+
+NON_FINITE = [  # (tensor index in (q, k, v, k_src, v_src), row, value, weight of that key row)
+    (0, 1, float("nan"), None),   # a query row: that output row
+    (0, 1, float("inf"), None),
+    (1, 2, float("nan"), 0.5),    # a key read by the blend: every row of the head group
+    (1, 2, float("nan"), 1.0),    # not read under weight 1: no effect
+    (1, 2, float("inf"), 0.0),
+    (2, 2, float("inf"), 0.0),    # a value row read: +-inf / NaN
+    (3, 2, float("nan"), 0.0),    # source not read under weight 0
+    (3, 2, float("nan"), 0.5),
+    (4, 2, float("inf"), 1.0),
+    (5, 2, float("nan"), None),   # a NaN weight (check_inputs=False): both operands, NaN
+]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: inf - inf
+@pytest.mark.parametrize("case", NON_FINITE, ids=lambda c: f"{'q k v ks vs lock'.split()[c[0]]}-{c[2]}-w{c[3]}")
+def test_non_finite_inputs_same_pattern_both_backends(case):
+    which, row, value, weight = case
+    q, k, v, ks, vs, _ = make_inputs(1, 4, 6, 2, 1, 8, torch.float32)
+    lock = torch.full((1, 6), 0.5)
+    tensors = [q, k, v, ks, vs, lock]
+    tensors[which][0, row] = value
+    if weight is not None and which != 0:
+        lock[0, row] = weight
+    outs = [kv_lock_attention(*tensors, backend=b, check_inputs=False) for b in ("triton", "torch")]
+    assert torch.equal(torch.isnan(outs[0]), torch.isnan(outs[1]))
+    assert torch.equal(torch.isinf(outs[0]), torch.isinf(outs[1]))
+    finite = torch.isfinite(outs[0])
+    torch.testing.assert_close(outs[0][finite], outs[1][finite], atol=1e-5, rtol=1e-5)
+    if which == 0:
+        assert torch.isnan(outs[0][0, row]).all() and torch.isfinite(outs[0][0, row + 1:]).all()
+    elif (which in (1, 2) and weight == 1.0) or (which in (3, 4) and weight == 0.0):
+        assert finite.all()
+    else:
+        assert not finite.all()
 
 
 # ------------------------------------------------------------------ autograd
@@ -495,7 +533,7 @@ def test_flash_attn_routing_with_stand_in(monkeypatch):
     cuda = torch.device("cuda")
     assert select_backend(cuda, torch.bfloat16, False, "auto") == "flash"
     assert select_backend(cuda, torch.bfloat16, True, "auto") == "triton"  # locked: ours
-    assert select_backend(cuda, torch.float32, False, "auto") == "triton"  # flash: half only
+    assert select_backend(cuda, torch.float32, False, "auto") == "torch"  # flash: half only; fp32: PyTorch
     assert select_backend(cuda, torch.bfloat16, False, "triton") == "triton"  # forced
 
     # The op's flash branch really calls it (CPU tensors, routing forced as on CUDA).
@@ -622,10 +660,10 @@ def _good():
 
 def _call(**over):
     q, k, v, ks, vs, lock = _good()
-    args = dict(q=q, k=k, v=v, k_src=ks, v_src=vs, lock=lock)
+    args = dict(q=q, k=k, v=v, k_src=ks, v_src=vs, lock=lock, backend="triton")
     args.update(over)
     return kv_lock_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("k_src"),
-                             args.pop("v_src"), args.pop("lock"), backend="triton", **args)
+                             args.pop("v_src"), args.pop("lock"), **args)
 
 
 @pytest.mark.parametrize("over, exc, msg", [
@@ -634,14 +672,16 @@ def _call(**over):
     (dict(k=torch.randn(2, 10, 2, 32), v=torch.randn(2, 10, 2, 32)), ValueError, "head_dim"),
     (dict(k=torch.randn(2, 10, 3, 16), v=torch.randn(2, 10, 3, 16),
           k_src=None, v_src=None), ValueError, "divisible"),
-    (dict(lock=torch.full((2, 10), 1.5)), ValueError, r"lock values must lie in \[0, 1\]"),
-    (dict(lock=torch.full((2, 10), -0.1)), ValueError, r"lock values must lie in \[0, 1\]"),
+    (dict(lock=torch.full((2, 10), 1.5)), ValueError, r"lock values must be in \[0, 1\]"),
+    (dict(lock=torch.full((2, 10), -0.1)), ValueError, r"lock values must be in \[0, 1\]"),
     (dict(lock=torch.full((2, 10), float("nan"))), ValueError, "NaN"),
     (dict(lock=torch.rand(2, 11)), ValueError, "lock must have shape"),
     (dict(lock=torch.rand(3, 10)), ValueError, "lock must have shape"),
     (dict(lock=torch.randint(0, 2, (2, 10))), TypeError, "lock must have dtype"),
-    (dict(lock=0.5), TypeError, r"lock must be a torch.Tensor of shape \(B, Skv\).*got float"),
-    (dict(lock=[0.0] * 10), TypeError, r"lock must be a torch.Tensor of shape \(B, Skv\).*got list"),
+    (dict(lock=0.5), TypeError, r"lock must be a torch.Tensor \(S,\), \(1, S\) or \(B, S\).*got float"),
+    (dict(lock=[0.0] * 10), TypeError, r"lock must be a torch.Tensor \(S,\), \(1, S\) or \(B, S\).*got list"),
+    (dict(return_lse=1), TypeError, "return_lse must be a bool"),
+    (dict(check_inputs=None), TypeError, "check_inputs must be a bool"),
     (dict(v_src=None), ValueError, "k_src and v_src must be given together"),
     (dict(k_src=torch.randn(2, 9, 2, 16)), ValueError, "k_src must have shape"),
     (dict(q=torch.randn(2, 8, 4, 16, dtype=torch.float64)), TypeError, "q must have dtype"),
@@ -663,6 +703,8 @@ def _call(**over):
     (dict(q=[1, 2]), TypeError, "q must be a torch.Tensor"),
     (dict(layout="sbhd"), ValueError, "layout"),
     (dict(layout=1), TypeError, "layout"),
+    (dict(backend="cuda"), ValueError, "backend must be one of"),
+    (dict(backend=None), TypeError, "backend must be one of"),
 ])
 def test_bad_input(over, exc, msg):
     with pytest.raises(exc, match=msg):

@@ -24,8 +24,8 @@ block (``python -m kvlock_kernels.tools.gpu_report`` counts it), not tensor-core
 ``HAS_LOCK`` is a compile-time switch: the unlocked kernel loads one K and one V tile per
 block with no lock and no blend.  The KV loop runs over full blocks without boundary
 masks, then one masked tail block when the key length is not a multiple of BLOCK_N.
-fp16/bf16 on GPUs; fp32 runs through the kernel under the interpreter only (fp32 CUDA
-calls take the PyTorch path, see ``FP32_ON_GPU``).
+fp16/bf16 on GPUs (not head dim > 128 on sm_80: no config); fp32 runs through the kernel
+under the interpreter only (fp32 CUDA calls take the PyTorch path, see ``FP32_ON_GPU``).
 
 Layout of this file: the Triton kernel, the launcher (configs in ``configs.py``), the
 torch custom op (fake implementation for torch.compile, recompute backward), and the
@@ -44,8 +44,18 @@ from torch.utils import flop_counter
 from .. import reference
 from .._autograd import register_recompute_backward
 from .._triton_helpers import cast_for_store, round_to_bf16_rne
-from .._utils import device_guard, host_checks_allowed, triton_interpreting, use_triton
-from .._validate import check_choice, check_same_device, check_same_dtype, check_softmax_scale, check_tensor
+from .._utils import device_guard, triton_interpreting, use_triton
+from .._validate import (
+    LOCK_DTYPES,
+    check_backend,
+    check_bool,
+    check_choice,
+    check_lock,
+    check_same_device,
+    check_same_dtype,
+    check_softmax_scale,
+    check_tensor,
+)
 from .configs import (  # noqa: F401  (re-exported: tests and tools read them here)
     INTERPRETER_CONFIG,
     INTERPRETER_CONFIGS,
@@ -196,7 +206,7 @@ def _kv_lock_attn_fwd(
     else:
         q_mask = m_ok[:, None] & d_ok[None, :]
 
-    # The query tile stays in registers for the whole KV sweep.
+    # The query tile is loaded once for the whole KV sweep.
     q_base = Q + off_b * stride_qb + off_h * stride_qh + row0.to(tl.int64) * stride_qs
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
     if INTERPRET:
@@ -221,8 +231,9 @@ def _kv_lock_attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Full blocks: no boundary masks.  Every row of every block holds a real key, so no
-    # row max is ever -inf (the tail below has at least one real key too).
+    # Full blocks without boundary masks, then the masked tail.  Every block, the tail
+    # included, holds at least one real key: with finite inputs the running max is finite
+    # from the first block on (exp2(-inf - m) = 0 for the padded keys, never -inf - -inf).
     n_full = seqlen_kv - seqlen_kv % BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _attend_block(
@@ -505,27 +516,9 @@ if torch.ops.kvlock_kernels.kv_lock_attention not in flop_counter.flop_registry:
 # --------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------
-_LOCK_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool)
-
-
 def _check_lock(lock, batch, seqlen_kv, check_values):
-    """lock -> fp32 (B|1, Skv), contiguous."""
-    check_tensor("lock", lock, dtypes=_LOCK_DTYPES,
-                 layout=f"of shape (B, Skv) = ({batch}, {seqlen_kv}), (1, {seqlen_kv}) or ({seqlen_kv},)")
-    given = tuple(lock.shape)
-    if lock.dim() == 1:
-        lock = lock[None]
-    if lock.dim() != 2 or lock.shape[1] != seqlen_kv or lock.shape[0] not in (1, batch):
-        raise ValueError(f"lock must have shape (B, Skv) = ({batch}, {seqlen_kv}), (1, {seqlen_kv}) or "
-                         f"({seqlen_kv},); got {given}")
-    if lock.dtype == torch.bool:
-        return lock.to(torch.float32)
-    if check_values and host_checks_allowed():
-        bad = ~((lock >= 0) & (lock <= 1))  # NaN fails both comparisons
-        if bool(bad.any()):
-            raise ValueError("lock values must lie in [0, 1] (no NaN); got min "
-                             f"{lock.min().item():g}, max {lock.max().item():g}, "
-                             f"{int(torch.isnan(lock).sum())} NaN")
+    """lock -> fp32 (B|1, Skv), contiguous (``_validate.check_lock`` checks it)."""
+    lock = check_lock(lock, batch, seqlen_kv, check_values=check_values)
     return lock.to(torch.float32).contiguous()
 
 
@@ -550,7 +543,7 @@ def _prepare(q, k, v, k_src, v_src, lock, softmax_scale, layout, check_inputs):
     for name, t in (("k", k), ("v", v), ("k_src", k_src), ("v_src", v_src)):
         check_same_dtype(name, t, "q", q)
     if lock is not None:  # kind and dtype first (TypeError), its shape below
-        check_tensor("lock", lock, dtypes=_LOCK_DTYPES, layout="of shape (B, Skv), (1, Skv) or (Skv,)")
+        check_tensor("lock", lock, dtypes=LOCK_DTYPES, layout="(S,), (1, S) or (B, S)")
     check_same_device(q=q, k=k, v=v, k_src=k_src, v_src=v_src, lock=lock)
 
     to_bshd = (lambda t: t.transpose(1, 2)) if layout == "bhsd" else (lambda t: t)
@@ -609,9 +602,11 @@ def kv_lock_attention(q, k, v, k_src=None, v_src=None, lock=None, *, softmax_sca
         softmax_scale: a finite positive Python number; defaults to 1 / sqrt(D).
         return_lse: also return the log-sum-exp of the scaled scores, (B, Hq, Sq) fp32,
             natural log (as flash-attn).
-        backend: "auto" (Triton on CUDA; on CPU the PyTorch path, or the Triton kernel
-            under TRITON_INTERPRET=1; flash-attn for unlocked fp16/bf16 CUDA calls when
-            installed), "triton" or "torch".
+        backend: "auto" (the fused Triton kernel on CUDA; on CPU the PyTorch path, or
+            the kernel under TRITON_INTERPRET=1; flash-attn for unlocked fp16/bf16 CUDA
+            calls when installed; the PyTorch path for CUDA tensors the kernel has no
+            config for: fp32, head dim > 128 on sm_80), "triton" (forces the kernel;
+            ValueError where it has no config) or "torch".
         check_inputs: check lock values lie in [0, 1].  This reads the lock on the host
             (one sync); it is skipped automatically under torch.compile and CUDA-graph
             capture, and can be switched off in a hot loop whose lock is built in range.
@@ -624,6 +619,9 @@ def kv_lock_attention(q, k, v, k_src=None, v_src=None, lock=None, *, softmax_sca
     ValueError for wrong shapes, devices, values, or launches whose offsets would
     overflow (see ``check_offsets``).
     """
+    check_bool("return_lse", return_lse)
+    check_bool("check_inputs", check_inputs)
+    check_backend(backend)
     q, k, v, k_src, v_src, lock, scale = _prepare(q, k, v, k_src, v_src, lock, softmax_scale, layout,
                                                   check_inputs)
     B, Sq, Hq, _ = q.shape
@@ -652,6 +650,7 @@ def fused_attention_with_config(q, k, v, k_src, v_src, lock, config, *, softmax_
     if (not isinstance(config, (tuple, list)) or len(config) != 4
             or not all(isinstance(c, int) and not isinstance(c, bool) for c in config)):
         raise TypeError(f"config must be a tuple of 4 ints (BLOCK_M, BLOCK_N, num_warps, num_stages), got {config!r}")
+    check_bool("return_lse", return_lse)
     bm, bn, warps, stages = config
     if (bm not in (16, 32, 64, 128) or bn not in (16, 32, 64, 128) or warps not in (1, 2, 4, 8, 16)
             or stages < 1):

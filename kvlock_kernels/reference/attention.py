@@ -134,8 +134,12 @@ def kv_lock_attention_torch(q, k, v, k_src=None, v_src=None, lock=None, *, softm
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if not return_lse:
         out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale,
-                                             enable_gqa=kh.shape[1] != qh.shape[1])
-        return out.transpose(1, 2)
+                                             enable_gqa=kh.shape[1] != qh.shape[1]).transpose(1, 2)
+        # A query row holding NaN or +-inf has no finite score (+-inf * k or NaN, and
+        # inf - inf in the softmax), so IEEE arithmetic (the Triton kernel, the oracle, the
+        # lse path below) gives a NaN row; PyTorch's CPU flash SDPA returns zeros for it.
+        # One rule: NaN.
+        return out.masked_fill(~torch.isfinite(q).all(dim=-1, keepdim=True), float("nan"))
     group = qh.shape[1] // kh.shape[1]
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     kf = kh.repeat_interleave(group, dim=1).to(work)

@@ -35,8 +35,7 @@ serves), ``divisible`` (the integer arguments that are multiples of 16; default:
 iteration: more in the SASS means work duplicated across warps, reported as a problem).
 A module may also define ``GPU_REPORT_NOTES`` (strings printed under the table, e.g. why
 a dtype has no configs).  ``KERNEL_MODULES`` lists the modules asked; modules that do
-not exist yet are skipped, and modules without ``gpu_report_jobs`` fall back to the
-builders kept here (``FALLBACK_JOBS``).
+not exist (yet) or do not define ``gpu_report_jobs`` are skipped.
 """
 from __future__ import annotations
 
@@ -170,7 +169,7 @@ def analyse_sass(sass: str, warps: int = 4) -> dict:
     ops = Counter(m.group(1) for t in texts for m in [_MMA.search(t)] if m)
     out = dict(mma="+".join(sorted(ops)) or "none", mma_total=sum(ops.values()),
                async_copies=sum(bool(_ASYNC.search(t)) for t in texts),
-               spill_instructions=sum(bool(re.search(r"\b(?:LDL|STL)\b", t)) for t in texts))
+               spill_instructions=sum(bool(re.search(r"\b(?:LDL|STL)\b", t)) for t in texts), loop_found=False)
     body = main_loop(instrs, labels)
     if body is not None:
         waits = (re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*(0x[0-9a-f]+)", t) for t in body)
@@ -254,69 +253,6 @@ def compile_and_read(job) -> Report:
                   ok=not problems, problem="; ".join(problems), **stats)
 
 
-# --------------------------------------------------------------------------------------
-# Jobs for modules that do not define gpu_report_jobs yet (builders kept here)
-# --------------------------------------------------------------------------------------
-def _dtypes(all_configs):
-    return DTYPE_NAMES if all_configs else ("bf16",)
-
-
-def _merge_job(arch, dtype_name, head_dim, config):
-    from ..attention.configs import block_d
-    from ..attention.merge_attention_states import _merge_states_kernel
-    block_s, warps = config
-    const = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_S=block_s, INTERPRET=False)
-    ptr = "*" + dtype_name
-    types = dict(OA=ptr, OB=ptr, OUT=ptr, LA="*fp32", LB="*fp32", LOUT="*fp32")
-    return dict(fn=_merge_states_kernel, const=const, types=types, warps=warps, stages=1,
-                pointers=tuple(types), config=f"S{block_s}/w{warps}")
-
-
-def _branch_variance_job(arch, dtype_name, head_dim, config):
-    from ..control.branch_variance import _branch_variance_kernel
-    block, warps = config
-    types = dict(X="*" + dtype_name, MASK="*u8", VAR="*fp32", PART_SUM="*fp32", PART_CNT="*fp32",
-                 inv_preds="fp32", inv_dof="fp32", inv_channels="fp32")
-    return dict(fn=_branch_variance_kernel, const=dict(HAS_MASK=True, BLOCK=block), types=types, warps=warps,
-                stages=1, pointers=("X", "MASK", "VAR", "PART_SUM", "PART_CNT"), config=f"B{block}/w{warps}")
-
-
-def _cfg_zero_star_job(arch, dtype_name, head_dim, config):
-    from ..control.cfg_zero_star_scale import _dot_and_norm_kernel
-    block, warps = config
-    types = dict(VC="*" + dtype_name, VU="*" + dtype_name, PART_DOT="*fp32", PART_NORM="*fp32")
-    return dict(fn=_dot_and_norm_kernel, const=dict(BLOCK=block), types=types, warps=warps, stages=1,
-                pointers=tuple(types), config=f"B{block}/w{warps}")
-
-
-def _guidance_job(arch, dtype_name, head_dim, config):
-    from ..control.kvlock_guidance import _guidance_kernel
-    block, warps = config
-    ptr = "*" + dtype_name
-    types = dict(VC=ptr, VU=ptr, LAT=ptr, GUIDED=ptr, X0=ptr, OMEGA_PTR="*fp32", S_PTR="*fp32",
-                 SIGMA_PTR="*fp32", omega_value="fp32", sigma_value="fp32")
-    const = dict(OMEGA_IS_TENSOR=True, HAS_S=True, SIGMA_IS_TENSOR=True, WITH_X0=True, BLOCK=block,
-                 INTERPRET=False)
-    return dict(fn=_guidance_kernel, const=const, types=types, warps=warps, stages=1,
-                pointers=("VC", "VU", "LAT", "GUIDED", "X0", "OMEGA_PTR", "S_PTR", "SIGMA_PTR"),
-                config=f"B{block}/w{warps}")
-
-
-def _fallback(kernel, builder, head_dim):
-    def jobs(module, arch, all_configs):
-        return [(kernel, __name__, builder, arch, dt, head_dim, module.LAUNCH_CONFIG) for dt in _dtypes(all_configs)]
-    return jobs
-
-
-# Elementwise / reduction kernels have no head dim (reported as 0).
-FALLBACK_JOBS = {
-    "kvlock_kernels.attention.merge_attention_states": _fallback("merge_attention_states", "_merge_job", 128),
-    "kvlock_kernels.control.branch_variance": _fallback("branch_variance", "_branch_variance_job", 0),
-    "kvlock_kernels.control.cfg_zero_star_scale": _fallback("cfg_zero_star_scale", "_cfg_zero_star_job", 0),
-    "kvlock_kernels.control.kvlock_guidance": _fallback("kvlock_guidance", "_guidance_job", 0),
-}
-
-
 def _import_kernel_module(name):
     """The module, or None when it does not exist (yet)."""
     try:
@@ -328,18 +264,15 @@ def _import_kernel_module(name):
 
 
 def default_jobs(all_configs: bool = False, archs=(80, 90), kernels=None):
-    """Job specs from every module of KERNEL_MODULES (see the module docstring).
-    kernels: only these kernel names (None: all)."""
+    """Job specs from every module of KERNEL_MODULES that defines ``gpu_report_jobs`` (see
+    the module docstring).  kernels: only these kernel names (None: all)."""
     jobs = []
     for name in KERNEL_MODULES:
         module = _import_kernel_module(name)
-        if module is None:
+        if module is None or not hasattr(module, "gpu_report_jobs"):
             continue
         for arch in archs:
-            if hasattr(module, "gpu_report_jobs"):
-                jobs += [tuple(j) for j in module.gpu_report_jobs(arch, all_configs)]
-            elif name in FALLBACK_JOBS:
-                jobs += FALLBACK_JOBS[name](module, arch, all_configs)
+            jobs += [tuple(j) for j in module.gpu_report_jobs(arch, all_configs)]
     if kernels is not None:
         jobs = [j for j in jobs if j[0] in kernels]
     return jobs
@@ -401,32 +334,35 @@ def format_table(reports) -> str:
 
 
 def format_block_classes(reports) -> str:
-    """Per-block-class summary of kernels reported in variants (the attention kernel:
-    plain = no lock; locked = every locked block class, one code path)."""
-    groups = {}
-    for r in reports:
-        if r.variant:
-            groups.setdefault((r.kernel, r.arch, r.dtype, r.head_dim, r.config), {})[r.variant] = r
-    if not groups:
-        return ""
-    variants = sorted({v for g in groups.values() for v in g})
-    classes = {r.variant: r.classes for r in reports if r.variant}
-    lines = ["| kernel | arch | dtype | D | config | " + " | ".join(
-        f"{v}: MMA/block | {v}: MMA work | {v}: SASS/block | {v}: waits" for v in variants) + " |",
-        "|" + "---|" * (5 + 4 * len(variants))]
-    for (kernel, arch, dtype, d, config), g in groups.items():
-        cells = []
-        for v in variants:
-            r = g.get(v)
-            ok = r is not None and r.loop_found
-            work = f"{r.loop_mma_flops / r.block_flops:.2f}x" if ok and r.block_flops else "-"
-            cells += [str(r.loop_mma) if ok else "-", work, str(r.loop_instructions) if ok else "-",
-                      _waits(r) if r is not None else "-"]
-        lines.append(f"| {kernel} | sm_{arch} | {dtype} | {d} | {config} | " + " | ".join(cells) + " |")
-    lines.append("\n" + "; ".join(f"{v}: {c}" for v, c in classes.items() if c)
-                 + ".  MMA work: tensor-core FLOPs of one loop iteration / the block's useful FLOPs "
-                 "(1.00x: no work duplicated across warps).")
-    return "\n".join(lines)
+    """Per-block-class summary, one table per kernel reported in two or more variants (the
+    attention kernel: plain = no lock; locked = every locked block class, one code path)."""
+    tables = []
+    for kernel in dict.fromkeys(r.kernel for r in reports):
+        mine = [r for r in reports if r.kernel == kernel and r.variant]
+        variants = list(dict.fromkeys(r.variant for r in mine))
+        if len(variants) < 2:
+            continue
+        groups = {}
+        for r in mine:
+            groups.setdefault((r.arch, r.dtype, r.head_dim, r.config), {})[r.variant] = r
+        lines = [f"### {kernel}\n", "| arch | dtype | D | config | " + " | ".join(
+            f"{v}: MMA/block | {v}: MMA work | {v}: SASS/block | {v}: waits" for v in variants) + " |",
+            "|" + "---|" * (4 + 4 * len(variants))]
+        for (arch, dtype, d, config), g in groups.items():
+            cells = []
+            for v in variants:
+                r = g.get(v)
+                ok = r is not None and r.loop_found
+                work = f"{r.loop_mma_flops / r.block_flops:.2f}x" if ok and r.block_flops else "-"
+                cells += [str(r.loop_mma) if ok else "-", work, str(r.loop_instructions) if ok else "-",
+                          _waits(r) if r is not None else "-"]
+            lines.append(f"| sm_{arch} | {dtype} | {d} | {config} | " + " | ".join(cells) + " |")
+        classes = {r.variant: r.classes for r in mine if r.classes}
+        lines.append("\n" + "; ".join(f"{v}: {c}" for v, c in classes.items())
+                     + ".  MMA work: tensor-core FLOPs of one loop iteration / the block's useful FLOPs "
+                     "(1.00x: no work duplicated across warps).")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def main(argv=None) -> int:
