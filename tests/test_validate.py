@@ -8,7 +8,6 @@ argument at a time is replaced by a bad value (wrong kind, wrong dtype, wrong sh
 wrong device, NaN/inf numbers, out-of-range values); only TypeError or ValueError may
 come out, and the message must name the replaced argument.
 """
-import importlib
 import re
 
 import numpy as np
@@ -17,14 +16,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvlock_kernels import (
+from kvlock_kernels import (  # noqa: E402
     KVLockScheduler,
     branch_variance,
     cfg_zero_star_scale,
     kv_lock_attention,
     kvlock_guidance,
+    lock_kv,
     masks,
     merge_attention_states,
+    qkv_epilogue,
 )
 from kvlock_kernels._validate import (
     check_backend,
@@ -44,20 +45,6 @@ from kvlock_kernels._validate import (
     check_values_in_range,
     describe,
 )
-
-
-def _optional_op(module, name):
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
-
-
-lock_kv = _optional_op("kvlock_kernels.attention.lock_kv", "lock_kv")
-qkv_epilogue = _optional_op("kvlock_kernels.attention.epilogue", "qkv_epilogue")
-needs_lock_kv = pytest.mark.skipif(lock_kv is None, reason="attention.lock_kv (engineer B) does not exist yet")
-needs_epilogue = pytest.mark.skipif(qkv_epilogue is None,
-                                    reason="attention.epilogue.qkv_epilogue (engineer B) does not exist yet")
 
 
 # --------------------------------------------------------------------------------------
@@ -245,8 +232,8 @@ def _epilogue(**kw):
 
 
 LOCK_OPS = [pytest.param(_attn, id="kv_lock_attention"),
-            pytest.param(_lock_kv, id="lock_kv", marks=needs_lock_kv),
-            pytest.param(_epilogue, id="qkv_epilogue", marks=needs_epilogue)]
+            pytest.param(_lock_kv, id="lock_kv"),
+            pytest.param(_epilogue, id="qkv_epilogue")]
 
 
 @pytest.mark.parametrize("op", LOCK_OPS)
@@ -286,12 +273,9 @@ def _dtype_mismatches():
         ("kvlock_guidance/v_uncond", lambda: kvlock_guidance(f32, f16, 5.0, backend="torch"), "v_uncond"),
     ]
     params = [pytest.param(fn, name, id=cid) for cid, fn, name in cases]
-    params.append(pytest.param(lambda: _lock_kv(v=torch.randn(2, 5, 2, 8).half()), "v", id="lock_kv/v",
-                               marks=needs_lock_kv))
-    params.append(pytest.param(lambda: _lock_kv(k_src=torch.randn(1, 5, 2, 8).half()), "k_src", id="lock_kv/k_src",
-                               marks=needs_lock_kv))
-    params.append(pytest.param(lambda: _epilogue(k=torch.randn(2, 5, 16).half()), "k", id="qkv_epilogue/k",
-                               marks=needs_epilogue))
+    params.append(pytest.param(lambda: _lock_kv(v=torch.randn(2, 5, 2, 8).half()), "v", id="lock_kv/v"))
+    params.append(pytest.param(lambda: _lock_kv(k_src=torch.randn(1, 5, 2, 8).half()), "k_src", id="lock_kv/k_src"))
+    params.append(pytest.param(lambda: _epilogue(k=torch.randn(2, 5, 16).half()), "k", id="qkv_epilogue/k"))
     return params
 
 
@@ -478,30 +462,13 @@ OPS = {
     "lock_kv": _lock_kv_case,
     "qkv_epilogue": _epilogue_case,
 }
-MISSING = {"lock_kv": lock_kv is None, "qkv_epilogue": qkv_epilogue is None}
-# Cases where another engineer's op does not conform yet: (op, argument) -> reason.
-# Listed in the report to the coordinator; never silent.
-NOT_CONFORMING = {
-    ("kv_lock_attention", "return_lse"): "engineer A: return_lse is not checked to be a bool (1, 0, None, 1.0 "
-                                         "run silently; 'True' or an object raise RuntimeError from the op schema)",
-    ("kv_lock_attention", "check_inputs"): "engineer A: check_inputs is not checked to be a bool (any object runs)",
-}
-
-
 def _fuzz_params():
     dummy = dict(B=1, S=3, H=2, D=8)
     params = []
     for op_name, case in OPS.items():
-        if MISSING.get(op_name):
-            params.append(pytest.param(op_name, "-", marks=pytest.mark.skip(reason=f"{op_name} does not exist yet"),
-                                       id=f"{op_name}"))
-            continue
         _, args = case(dummy)
         for arg in args:
-            marks = []
-            if (op_name, arg) in NOT_CONFORMING:
-                marks.append(pytest.mark.xfail(reason=NOT_CONFORMING[op_name, arg], strict=False))
-            params.append(pytest.param(op_name, arg, marks=marks, id=f"{op_name}-{arg}"))
+            params.append(pytest.param(op_name, arg, id=f"{op_name}-{arg}"))
     return params
 
 
@@ -534,7 +501,7 @@ def test_fuzzed_bad_input_raises_type_or_value_error_naming_the_argument(op_name
 
 
 def test_fuzz_covers_every_public_op_and_argument():
-    """The fuzz reaches every public op named by issue 12 (B's where they exist) and every
+    """The fuzz reaches every public op named by issue 12 and every
     parameter of each (a new parameter must be added to its case to be fuzzed)."""
     import inspect
     assert {"kv_lock_attention", "merge_attention_states", "branch_variance", "cfg_zero_star_scale",
@@ -542,7 +509,7 @@ def test_fuzz_covers_every_public_op_and_argument():
             "masks.lock_weights", "lock_kv", "qkv_epilogue"} <= set(OPS)
     dummy = dict(B=1, S=3, H=2, D=8)
     for op_name, case in OPS.items():
-        if MISSING.get(op_name) or op_name == "KVLockScheduler.update":
+        if op_name == "KVLockScheduler.update":
             continue
         fn, args = case(dummy)
         params = {n for n, p in inspect.signature(fn).parameters.items()

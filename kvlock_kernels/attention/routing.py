@@ -294,10 +294,11 @@ def blend_time(batch, seqlen_kv, heads_kv, head_dim, dtype, profile, *, source_s
     return nbytes / (profile.bandwidth * BW_EFF) + LAUNCH_S
 
 
-def fused_blocks(head_dim, dtype, arch) -> tuple[int, int, str]:
+def fused_blocks(head_dim, dtype, arch) -> tuple[Optional[int], Optional[int], str]:
     """(BLOCK_M, BLOCK_N, source) of the fused kernel's first (preferred) config for this
-    head dim, dtype and arch, from ``attention.configs`` (engineer A's table) when it is
-    importable; otherwise a documented default (source says which)."""
+    head dim, dtype and arch, from ``attention.configs``; (None, None, why) where the
+    table has no config (the fused kernel does not run there: fp32, head dim > 128 on
+    sm_80)."""
     return _fused_blocks(int(head_dim), _dtype_key(dtype), int(arch))
 
 
@@ -312,7 +313,10 @@ def _fused_blocks(head_dim: int, dtype_key: str, arch: int) -> tuple[int, int, s
     except Exception:  # the table is not there (yet): a stated default
         bm, bn = _DEFAULT_TILE[_family(arch)]
         return bm, bn, "default (attention.configs not importable)"
-    first = configs_for(head_dim, dtype_key, arch=arch)[0]
+    configs = configs_for(head_dim, dtype_key, arch=arch)
+    if not configs:
+        return None, None, f"no fused-kernel config for {dtype_key} d{head_dim} on sm_{arch}"
+    first = configs[0]
     if isinstance(first, (tuple, list)):
         bm, bn = int(first[0]), int(first[1])
     else:  # a triton.Config-like entry
@@ -323,9 +327,11 @@ def _fused_blocks(head_dim: int, dtype_key: str, arch: int) -> tuple[int, int, s
 
 def fused_time(batch, seqlen_q, seqlen_kv, heads_q, heads_kv, head_dim, dtype, profile, *,
                blended_fraction=1.0, block_m=None) -> float:
-    """Modelled seconds of the single-pass fused kernel when ``blended_fraction`` of its
-    (query block, key block) steps blend on load (constant or mixed key blocks); the rest
-    read one tile (w all 0 or all 1).  ``block_m``: its query tile (default: the config table)."""
+    """Modelled seconds of the single-pass fused kernel on a locked call.  Its one code path
+    blends every KV tile on load in registers (ALU and shared-memory work, whatever the
+    lock values), while memory traffic depends on the lock: ``blended_fraction`` of the
+    (query block, key block) steps read both tiles (constant or mixed key blocks), the rest
+    one (masked rows are not read).  ``block_m``: its query tile (default: the config table)."""
     arch = max(profile.arch, 80)
     if block_m is None:
         block_m = fused_blocks(head_dim, dtype, arch)[0]
@@ -335,7 +341,7 @@ def fused_time(batch, seqlen_q, seqlen_kv, heads_q, heads_kv, head_dim, dtype, p
     # Blend ALU work per KV tile relative to the tile's matmul work at peak; every query
     # block (Sq / BLOCK_M of them, per query head) redoes it.
     r = 2.0 * BLEND_LANE_OPS * per_lane / (4.0 * block_m)
-    compute = flops / _peak(profile, dtype) * (1.0 / eff + blended_fraction * (1.0 - BLEND_OVERLAP) * r)
+    compute = flops / _peak(profile, dtype) * (1.0 / eff + (1.0 - BLEND_OVERLAP) * r)
     nbytes = fused_bytes(batch, seqlen_q, seqlen_kv, heads_q, heads_kv, head_dim, dtype, blended_fraction)
     return max(compute, nbytes / (profile.bandwidth * BW_EFF)) + LAUNCH_S
 
@@ -555,16 +561,20 @@ def _choose_cached(batch, seqlen_q, seqlen_kv, heads_q, heads_kv, head_dim, dtyp
     blend = blend_time(batch, seqlen_kv, heads_kv, head_dim, dtype, prof, source_shared=source_shared)
     best_plain = min(available, key=lambda b: (plain[b], PLAIN_BACKENDS.index(b)))
     bm, bn, tile_src = fused_blocks(head_dim, dtype, a)
-    fused = fused_time(*dims, prof, blended_fraction=1.0, block_m=bm)
-    costs = tuple((f"blend+{b}", (blend + plain[b]) * 1e3) for b in available) + (("fused", fused * 1e3),)
     path_a = blend + plain[best_plain]
+    costs = tuple((f"blend+{b}", (blend + plain[b]) * 1e3) for b in available)
+    blend_txt = f"blend {blend * 1e3:.3f} + {best_plain} {plain[best_plain] * 1e3:.3f} = {path_a * 1e3:.3f} ms"
+    if bm is None:  # the fused kernel has no config here
+        return Route("blend_then_plain", best_plain, path_a * 1e3, f"{blend_txt}; {tile_src}",
+                     plain[best_plain] * 1e3, costs)
+    fused = fused_time(*dims, prof, blended_fraction=1.0, block_m=bm)
+    costs += (("fused", fused * 1e3),)
     flops = attention_flops(batch, seqlen_q, seqlen_kv, heads_q, head_dim)
     intensity = flops / plain_bytes(batch, seqlen_q, seqlen_kv, heads_q, heads_kv, head_dim, dtype)
     ridge = _peak(prof, dtype) / prof.bandwidth
     regime = "compute-bound" if intensity > ridge else "memory-bound"
     head = (f"sm_{prof.arch} {prof.name} {_dtype_key(dtype)} d{head_dim}, {regime} ({intensity:.0f} FLOP/B vs "
             f"ridge {ridge:.0f}): ")
-    blend_txt = f"blend {blend * 1e3:.3f} + {best_plain} {plain[best_plain] * 1e3:.3f} = {path_a * 1e3:.3f} ms"
     fused_txt = (f"fused {fused * 1e3:.3f} ms (worst case over lock values: every key block blended on load, "
                  f"BLOCK_M {bm} from {tile_src})")
     if fused * (1.0 + FUSED_MARGIN) < path_a:
