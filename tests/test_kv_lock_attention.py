@@ -6,7 +6,6 @@ import functools
 import importlib
 import math
 import sys
-import types
 
 import pytest
 import torch
@@ -482,69 +481,79 @@ def test_backward_without_lock_and_bool_lock():
 
 
 # ------------------------------------------------------------------ routing
-def test_auto_backend_routing(monkeypatch):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setitem(sys.modules, "flash_attn", None)  # flash-attn not installed
-    KLA_MODULE._flash_attn_func.cache_clear()
-    assert select_backend(cuda, torch.bfloat16, False, "auto") == "triton"
-    assert select_backend(cpu, torch.bfloat16, False, "auto") == "triton"  # interpreter on
+DIMS = (3, 4096, 4096, 12, 12, 128)  # (B, Sq, Skv, Hq, Hkv, D): compute-bound
+
+
+def test_backend_selection_off_cuda(monkeypatch):
+    cpu = torch.device("cpu")
+    assert select_backend(cpu, torch.bfloat16, True, "auto", DIMS) == ("fused", None)  # interpreter on
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert select_backend(cpu, torch.bfloat16, True, "auto") == "torch"
+    assert select_backend(cpu, torch.bfloat16, True, "auto", DIMS) == ("torch", None)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA"):
-        select_backend(cpu, torch.bfloat16, True, "triton")
-    assert select_backend(cuda, torch.bfloat16, True, "torch") == "torch"
-    KLA_MODULE._flash_attn_func.cache_clear()
+        select_backend(cpu, torch.bfloat16, True, "triton", DIMS)
+    assert select_backend(torch.device("cuda"), torch.bfloat16, True, "torch", DIMS) == ("torch", None)
 
 
-def test_flash_attn_probe_is_cached(monkeypatch):
-    """The import probe runs once per process, a failed one included."""
-    KLA_MODULE._flash_attn_func.cache_clear()
-    attempts = []
+def test_auto_on_cuda_follows_the_cost_model(monkeypatch):
+    """"auto" on CUDA: compute-bound locked calls blend once then run the best plain
+    attention; memory-bound ones (few queries, many keys) take the fused kernel; unlocked
+    calls run plain attention; "triton" forces the fused kernel.  Shapes only: the same
+    answer whatever the lock values (none are passed)."""
+    import kvlock_kernels.attention.routing as routing
 
-    class Finder:
-        def find_spec(self, name, path=None, target=None):
-            if name == "flash_attn":
-                attempts.append(name)
-                raise ImportError("flash_attn blocked by the test")
-            return None
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
+    routing.reset_probes()
+    monkeypatch.setattr(KLA_MODULE, "_cuda_arch", lambda index: 90)
+    cuda = torch.device("cuda", 0)
+    impl, plain = select_backend(cuda, torch.bfloat16, True, "auto", DIMS)
+    assert (impl, plain) == ("blend_then_plain", "sdpa")
+    assert select_backend(cuda, torch.bfloat16, False, "auto", DIMS) == ("plain", "sdpa")
+    assert select_backend(cuda, torch.bfloat16, True, "auto", (2, 64, 32768, 12, 12, 128))[0] == "fused"
+    assert select_backend(cuda, torch.bfloat16, True, "triton", DIMS) == ("fused", None)
+    # fp32 has no fused config: blend then SDPA, and "triton" is refused.
+    assert select_backend(cuda, torch.float32, True, "auto", (2, 64, 32768, 12, 12, 128)) == \
+        ("blend_then_plain", "sdpa")
+    with pytest.raises(ValueError, match="float32 CUDA tensors"):
+        select_backend(cuda, torch.float32, True, "triton", DIMS)
+    routing.reset_probes()
 
-    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
-    monkeypatch.setattr(sys, "meta_path", [Finder(), *sys.meta_path])
-    cuda = torch.device("cuda")
-    for _ in range(3):
-        assert select_backend(cuda, torch.bfloat16, False, "auto") == "triton"
-    assert len(attempts) == 1
-    KLA_MODULE._flash_attn_func.cache_clear()
+
+def test_blend_then_plain_path_matches_the_oracle(monkeypatch):
+    """Path (a) end to end on CPU tensors (the op routed as on CUDA): lock_kv, then plain
+    attention; an in-batch source (a stride-0 view of entry 0) is detected and skipped."""
+    monkeypatch.setattr(KLA_MODULE, "select_backend", lambda *a, **k: ("blend_then_plain", "sdpa"))
+    q, k, v, _, _, lock = make_inputs(3, 20, 70, 4, 2, 64, torch.bfloat16)
+    ks, vs = k[:1].expand(3, -1, -1, -1), v[:1].expand(3, -1, -1, -1)
+    assert KLA_MODULE.in_batch_source_index(k, ks) == 0
+    assert KLA_MODULE.in_batch_source_index(k, torch.randn_like(k[:1]).expand(3, -1, -1, -1)) is None
+    out, lse = kv_lock_attention(q, k, v, ks, vs, lock, return_lse=True)
+    ref_lock = lock.clone()
+    ref_lock[0] = 0.0  # the source entry blended toward itself is itself
+    ref, ref_lse = reference.kv_lock_attention(q, k, v, ks, vs, ref_lock, return_lse=True)
+    same = reference.kv_lock_attention(q, k, v, ks, vs, ref_lock, upcast=False)
+    assert_fa_close(out, ref, same, atol=ATOL[torch.bfloat16])
+    torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-4)
 
 
-def test_flash_attn_routing_with_stand_in(monkeypatch):
-    """With lock=None on CUDA, "auto" goes to flash_attn_func when flash-attn imports."""
+def test_plain_path_uses_the_chosen_backend(monkeypatch):
+    """An unlocked call on the "plain" route runs routing.plain_attention with the backend
+    the route named."""
     calls = []
+    real = KLA_MODULE.plain_attention
 
-    def fake_flash_attn_func(q, k, v, softmax_scale=None, return_attn_probs=False):
-        calls.append((q.shape, k.shape, softmax_scale, return_attn_probs))
-        out = reference.kv_lock_attention(q, k, v, softmax_scale=softmax_scale, return_lse=return_attn_probs)
-        return (out[0], out[1], None) if return_attn_probs else out
+    def spy(q, k, v, **kw):
+        calls.append(kw["backend"])
+        return real(q, k, v, **{**kw, "backend": "sdpa"})
 
-    stand_in = types.ModuleType("flash_attn")
-    stand_in.flash_attn_func = fake_flash_attn_func
-    monkeypatch.setitem(sys.modules, "flash_attn", stand_in)
-    KLA_MODULE._flash_attn_func.cache_clear()
-    cuda = torch.device("cuda")
-    assert select_backend(cuda, torch.bfloat16, False, "auto") == "flash"
-    assert select_backend(cuda, torch.bfloat16, True, "auto") == "triton"  # locked: ours
-    assert select_backend(cuda, torch.float32, False, "auto") == "torch"  # flash: half only; fp32: PyTorch
-    assert select_backend(cuda, torch.bfloat16, False, "triton") == "triton"  # forced
-
-    # The op's flash branch really calls it (CPU tensors, routing forced as on CUDA).
-    monkeypatch.setattr(KLA_MODULE, "select_backend", lambda *a: "flash")
+    monkeypatch.setattr(KLA_MODULE, "select_backend", lambda *a, **k: ("plain", "fa3"))
+    monkeypatch.setattr(KLA_MODULE, "plain_attention", spy)
     q, k, v, *_ = make_inputs(1, 20, 30, 4, 2, 64, torch.bfloat16)
     out, lse = kv_lock_attention(q, k, v, return_lse=True)
     ref, ref_lse = reference.kv_lock_attention(q, k, v, return_lse=True)
-    assert len(calls) == 1 and calls[0][3] is True
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(lse, ref_lse)
-    KLA_MODULE._flash_attn_func.cache_clear()
+    assert calls == ["fa3"]
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-4)
 
 
 # ------------------------------------------------------------------ configs
@@ -563,28 +572,17 @@ def test_configs_keyed_by_dtype_arch_and_tier():
         configs_for(64, torch.float64)
 
 
-def test_fp32_cuda_calls_take_the_torch_path():
-    cuda = torch.device("cuda")
-    assert select_backend(cuda, torch.float32, True, "auto") == "torch"
-    assert select_backend(cuda, torch.float32, False, "auto") == "torch"
-    with pytest.raises(ValueError, match="float32 CUDA tensors"):
-        select_backend(cuda, torch.float32, True, "triton")
-    assert select_backend(torch.device("cpu"), torch.float32, True, "triton") == "triton"  # interpreter
-
-
 def test_no_config_for_head_dim_256_on_sm80(monkeypatch):
-    """An empty config list (here head dim > 128 on sm_80) routes CUDA calls to the PyTorch path."""
+    """An empty config list (here head dim > 128 on sm_80) keeps "auto" off the fused kernel
+    and makes "triton" a clear error."""
     monkeypatch.setattr(KLA_MODULE, "_cuda_arch", lambda index: 80)
-    monkeypatch.setitem(sys.modules, "flash_attn", None)
-    KLA_MODULE._flash_attn_func.cache_clear()
     cuda = torch.device("cuda")
-    assert select_backend(cuda, torch.bfloat16, True, "auto", 256) == "torch"
-    assert select_backend(cuda, torch.bfloat16, True, "auto", 128) == "triton"
+    dims = (2, 64, 32768, 12, 12, 256)  # memory-bound: the model would pick fused if it ran
+    assert select_backend(cuda, torch.bfloat16, True, "auto", dims)[0] == "blend_then_plain"
     with pytest.raises(ValueError, match="no fused-kernel config for head dim 256 on sm_80"):
-        select_backend(cuda, torch.float16, True, "triton", 256)
+        select_backend(cuda, torch.float16, True, "triton", dims)
     monkeypatch.setattr(KLA_MODULE, "_cuda_arch", lambda index: 90)
-    assert select_backend(cuda, torch.bfloat16, True, "auto", 256) == "triton"
-    KLA_MODULE._flash_attn_func.cache_clear()
+    assert select_backend(cuda, torch.bfloat16, True, "triton", dims) == ("fused", None)
 
 
 def test_autotune_prune_uses_dtype_and_alignment():

@@ -282,13 +282,23 @@ def test_cost_model_shape():
     assert routing.blend_bytes(2, 32760, 12, 128, torch.bfloat16) == pytest.approx(10 * tile + 4 * 2 * 32760)
     assert routing.blend_bytes(2, 32760, 12, 128, torch.bfloat16, source_shared=False) > \
         routing.blend_bytes(2, 32760, 12, 128, torch.bfloat16)
-    # The fused kernel: more blended blocks cost more; a smaller BLOCK_M re-blends more.
+    # The fused kernel blends every tile in registers on one code path: compute-bound, its
+    # time does not depend on how many blocks read both tiles; a smaller BLOCK_M re-blends
+    # more often.
     f0 = routing.fused_time(*dims, prof, blended_fraction=0.0, block_m=128)
     f1 = routing.fused_time(*dims, prof, blended_fraction=1.0, block_m=128)
     f1_small = routing.fused_time(*dims, prof, blended_fraction=1.0, block_m=64)
-    assert f0 < f1 < f1_small
-    # With no blend work the fused kernel is its plain Triton path: below FA3's efficiency.
+    assert f0 == f1 < f1_small
+    flops_at_peak = flops / 989e12
+    assert f1 == pytest.approx(flops_at_peak * (1 / routing.EFFICIENCY[("sm90", "triton")][1]
+                                                + (1 - routing.BLEND_OVERLAP) * 2 * routing.BLEND_LANE_OPS
+                                                * routing.TC_FLOP_PER_LANE / (4 * 128)) + routing.LAUNCH_S)
+    # Even without its blend the Triton kernel is below FA3's efficiency.
     assert f0 > fa3
+    # Memory-bound, the bytes decide: blocks that read both tiles cost more.
+    few_q = (2, 16, 32760, 12, 12, 128, torch.bfloat16)
+    assert routing.fused_time(*few_q, prof, blended_fraction=0.0, block_m=128) < \
+        routing.fused_time(*few_q, prof, blended_fraction=1.0, block_m=128)
     # Memory-bound: time follows bytes.
     short = (2, 16, 32760, 12, 12, 128, torch.bfloat16)
     nbytes = routing.plain_bytes(*short)
@@ -357,7 +367,6 @@ def test_model_rows_keep_the_bound():
         # One dot per matmul in the new design; the old one doubled the blended blocks' dots.
         assert r["tensor_work"]["fused_new"] == 1.0
         assert r["tensor_work"]["fused_old"] == pytest.approx(1.0 + r["blended_fraction"])
-        assert r["fused_old_ms"] >= r["fused_new_ms"] * 0.999 or r["blended_fraction"] == 0
         assert sum(r["locked_classes"].values()) == pytest.approx(1.0)
     for e in result["epilogue"]:  # the blend in the epilogue costs no more than the stock layer
         assert e["fused_layer_ratio"] <= 1.0 < e["blend_layer_ratio"]

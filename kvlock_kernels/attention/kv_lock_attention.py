@@ -65,6 +65,8 @@ from .configs import (  # noqa: F401  (re-exported: tests and tools read them he
     dtype_name,
     head_dim_tier,
 )
+from .lock_kv import lock_kv
+from .routing import choose_path, plain_attention
 
 __all__ = ["kv_lock_attention", "fused_attention_with_config", "KERNEL_CONFIGS", "INTERPRETER_CONFIGS",
            "configs_for", "configs_for_head_dim"]
@@ -371,19 +373,8 @@ def _launch_triton(q, k, v, k_src, v_src, lock, out, lse, softmax_scale, config=
 
 
 # --------------------------------------------------------------------------------------
-# Routing: flash-attn for plain attention on CUDA when installed
+# Routing: which implementation serves a call (shapes, dtype and device only)
 # --------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _flash_attn_func():
-    """flash_attn_func, or None; probed once per process (an import attempt costs ~50 us,
-    and a failed one is not cached by Python)."""
-    try:
-        from flash_attn import flash_attn_func
-    except Exception:  # ImportError, or a broken CUDA build
-        return None
-    return flash_attn_func
-
-
 FP32_ON_GPU = (
     "the fused kernel runs fp16/bf16 on GPUs; fp32 CUDA calls run the PyTorch path (blend in fp32, then "
     "SDPA): IEEE fp32 dots keep whole operand rows in registers and 3xTF32 dots keep both halves of q, so "
@@ -409,33 +400,71 @@ def fused_kernel_runs(device: torch.device, dtype: torch.dtype, head_dim: Option
     return head_dim is None or bool(configs_for(head_dim, dtype, _cuda_arch(device.index)))
 
 
+def _dims(q, k) -> tuple:
+    """(B, Sq, Skv, Hq, Hkv, D) of bshd q, k."""
+    return (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3])
+
+
+def _source_shared(k, k_src) -> bool:
+    """The source is one tensor for the whole batch (batch stride 0): a blend pass reads it once."""
+    return k_src is None or k_src.shape[0] == 1 or k_src.stride(0) == 0 or k.shape[0] == 1
+
+
 def select_backend(device: torch.device, dtype: torch.dtype, locked: bool, backend: str,
-                   head_dim: Optional[int] = None) -> str:
-    """Which implementation runs: "flash" (flash_attn_func), "triton" or "torch".
-    CUDA tensors the fused kernel has no configs for (fp32; head dim > 128 on sm_80) take
-    the PyTorch path with "auto" (flash-attn first when unlocked); "triton" raises."""
-    if use_triton(device, backend):
-        if (backend == "auto" and device.type == "cuda" and not locked
-                and dtype in (torch.float16, torch.bfloat16) and _flash_attn_func() is not None):
-            return "flash"
+                   dims: Optional[tuple] = None, *, source_shared: bool = True) -> tuple[str, Optional[str]]:
+    """Which implementation serves a call: ``(impl, plain_backend)`` with impl one of
+    "fused" (the Triton kernel), "blend_then_plain" (``lock_kv``, then plain attention
+    with ``plain_backend``), "plain" (an unlocked call: plain attention with
+    ``plain_backend``) or "torch" (the PyTorch path).
+
+    dims: (B, Sq, Skv, Hq, Hkv, D), needed for "auto" on CUDA, where
+    ``routing.choose_path``'s cost model decides from shapes and dtype alone (never from
+    lock values: no sync).  "triton" forces the fused kernel (ValueError where it has no
+    config: fp32 on GPUs, head dim > 128 on sm_80); CPU tensors run it only under the
+    interpreter.  "torch" is the PyTorch path everywhere.
+    """
+    if not use_triton(device, backend):
+        return "torch", None
+    if device.type != "cuda":  # CPU tensors under TRITON_INTERPRET=1
+        return "fused", None
+    head_dim = dims[-1] if dims is not None else None
+    if backend == "triton":
         if not fused_kernel_runs(device, dtype, head_dim):
-            if backend == "triton":
-                why = FP32_ON_GPU if dtype == torch.float32 else (
-                    f"no fused-kernel config for head dim {head_dim} on sm_{_cuda_arch(device.index)} "
-                    "(attention/configs.py)")
-                raise ValueError(f"backend='triton' with {str(dtype)[6:]} CUDA tensors: {why}; "
-                                 "use backend='auto' or 'torch'")
-            return "torch"
-        return "triton"
-    return "torch"
+            why = FP32_ON_GPU if dtype == torch.float32 else (
+                f"no fused-kernel config for head dim {head_dim} on sm_{_cuda_arch(device.index)} "
+                "(attention/configs.py)")
+            raise ValueError(f"backend='triton' with {str(dtype)[6:]} CUDA tensors: {why}; "
+                             "use backend='auto' or 'torch'")
+        return "fused", None
+    route = choose_path(*dims, dtype, device, source_shared=source_shared)
+    if not locked:
+        return "plain", route.plain_backend
+    if route.path == "fused" and fused_kernel_runs(device, dtype, head_dim):
+        return "fused", None
+    return "blend_then_plain", route.plain_backend
 
 
-def _run_flash(q, k, v, softmax_scale, return_lse):
-    fn = _flash_attn_func()
-    if return_lse:
-        out, lse, _ = fn(q, k, v, softmax_scale=softmax_scale, return_attn_probs=True)
-        return out, lse
-    return fn(q, k, v, softmax_scale=softmax_scale), None
+def in_batch_source_index(k: torch.Tensor, k_src: torch.Tensor) -> Optional[int]:
+    """The batch entry of k that a batch-stride-0 k_src views (an in-batch source branch:
+    ``k[i:i+1].expand(B, ...)``), or None.  Metadata only."""
+    if k_src.stride(0) != 0 or k_src.stride()[1:] != k.stride()[1:] or k.stride(0) == 0:
+        return None
+    offset = k_src.data_ptr() - k.data_ptr()
+    step = k.stride(0) * k.element_size()
+    if offset < 0 or offset % step or offset // step >= k.shape[0]:
+        return None
+    return offset // step
+
+
+def _blend_then_plain(q, k, v, k_src, v_src, lock, softmax_scale, return_lse, plain_backend):
+    """Path (a): ``lock_kv`` writes K', V' in one memory-bound pass (an in-batch source
+    entry is read once and not blended toward itself), then plain attention."""
+    src = in_batch_source_index(k, k_src)
+    source = dict(source_index=src) if src is not None and in_batch_source_index(v, v_src) == src else \
+        dict(k_src=k_src, v_src=v_src)
+    k_locked, v_locked = lock_kv(k, v, lock, **source, check_inputs=False)
+    return plain_attention(q, k_locked, v_locked, softmax_scale=softmax_scale, return_lse=return_lse,
+                           backend=plain_backend)
 
 
 # --------------------------------------------------------------------------------------
@@ -458,15 +487,20 @@ def _kv_lock_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     B, Sq, Hq, _ = q.shape
     out = _empty_out(q, layout)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device) if return_lse else None
-    impl = select_backend(q.device, q.dtype, lock is not None, backend, q.shape[3])
-    if impl == "triton":
+    impl, plain_backend = select_backend(q.device, q.dtype, lock is not None, backend, _dims(q, k),
+                                         source_shared=_source_shared(k, k_src))
+    if impl == "fused":
         with device_guard(q.device):
             _launch_triton(q, k, v, k_src, v_src, lock, out, lse, softmax_scale)
-    elif impl == "flash":
-        res, res_lse = _run_flash(q, k, v, softmax_scale, return_lse)
-        out.copy_(res)
+    elif impl in ("plain", "blend_then_plain"):
+        if impl == "plain":
+            res = plain_attention(q, k, v, softmax_scale=softmax_scale, return_lse=return_lse, backend=plain_backend)
+        else:
+            res = _blend_then_plain(q, k, v, k_src, v_src, lock, softmax_scale, return_lse, plain_backend)
         if return_lse:
+            res, res_lse = res
             lse.copy_(res_lse)
+        out.copy_(res)
     else:
         res = reference.kv_lock_attention_torch(q, k, v, k_src, v_src, lock,
                                                 softmax_scale=softmax_scale, return_lse=return_lse)
@@ -602,11 +636,14 @@ def kv_lock_attention(q, k, v, k_src=None, v_src=None, lock=None, *, softmax_sca
         softmax_scale: a finite positive Python number; defaults to 1 / sqrt(D).
         return_lse: also return the log-sum-exp of the scaled scores, (B, Hq, Sq) fp32,
             natural log (as flash-attn).
-        backend: "auto" (the fused Triton kernel on CUDA; on CPU the PyTorch path, or
-            the kernel under TRITON_INTERPRET=1; flash-attn for unlocked fp16/bf16 CUDA
-            calls when installed; the PyTorch path for CUDA tensors the kernel has no
-            config for: fp32, head dim > 128 on sm_80), "triton" (forces the kernel;
-            ValueError where it has no config) or "torch".
+        backend: "auto": on CUDA, ``routing.choose_path``'s cost model decides from
+            shapes and dtype alone (no sync): blend once with ``lock_kv`` and attend with
+            the fastest plain attention available (FA3 > FA2 > SDPA, as modelled), or the
+            fused single-pass kernel where the model says it is faster (short query
+            blocks, memory-bound); an unlocked call goes to the fastest plain attention.
+            On CPU the PyTorch path, or the fused kernel under TRITON_INTERPRET=1.
+            "triton" forces the fused kernel (ValueError where it has no config: fp32 on
+            GPUs, head dim > 128 on sm_80); "torch" forces the PyTorch path.
         check_inputs: check lock values lie in [0, 1].  This reads the lock on the host
             (one sync); it is skipped automatically under torch.compile and CUDA-graph
             capture, and can be switched off in a hot loop whose lock is built in range.
@@ -626,13 +663,14 @@ def kv_lock_attention(q, k, v, k_src=None, v_src=None, lock=None, *, softmax_sca
                                                   check_inputs)
     B, Sq, Hq, _ = q.shape
     # Raises on an impossible backend before anything runs.
-    impl = select_backend(q.device, q.dtype, lock is not None, backend, q.shape[3])
+    impl, _ = select_backend(q.device, q.dtype, lock is not None, backend, _dims(q, k),
+                             source_shared=_source_shared(k, k_src))
     if Sq == 0:
         out = _empty_out(q, layout)
         out = out.transpose(1, 2) if layout == "bhsd" else out
         lse = q.new_empty(B, Hq, 0, dtype=torch.float32)
         return (out, lse) if return_lse else out
-    if impl == "triton":
+    if impl == "fused":
         check_offsets(q, k, v, k_src, v_src, lock, q)
     out, lse = _kv_lock_attention_op(q, k, v, k_src, v_src, lock, scale, layout, return_lse, backend)
     return (out, lse) if return_lse else out
@@ -657,7 +695,7 @@ def fused_attention_with_config(q, k, v, k_src, v_src, lock, config, *, softmax_
         raise ValueError(f"config must have BLOCK_M, BLOCK_N in (16, 32, 64, 128), num_warps a power of 2 <= 16 "
                          f"and num_stages >= 1, got {tuple(config)}")
     q, k, v, k_src, v_src, lock, scale = _prepare(q, k, v, k_src, v_src, lock, softmax_scale, "bshd", True)
-    select_backend(q.device, q.dtype, lock is not None, "triton", q.shape[3])  # raises where the kernel has no config
+    select_backend(q.device, q.dtype, lock is not None, "triton", _dims(q, k))  # raises where the kernel has no config
     B, Sq, Hq, _ = q.shape
     out = _empty_out(q, "bshd")
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device) if return_lse else None

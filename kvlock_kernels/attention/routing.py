@@ -22,15 +22,16 @@ The cost model (all times in seconds; ``docs/performance.md`` derives every cons
 
     plain(b)  = max(F / (P_tc * eff[b]), bytes_plain / (BW * BW_EFF)) + LAUNCH
     blend     = bytes_blend / (BW * BW_EFF) + LAUNCH
-    fused     = max(F / P_tc * (1 / eff_triton + f * (1 - OVERLAP) * r(BLOCK_M)),
+    fused     = max(F / P_tc * (1 / eff_triton + (1 - OVERLAP) * r(BLOCK_M)),
                     bytes_fused(f) / (BW * BW_EFF)) + LAUNCH
     r(BM)     = 2 * BLEND_LANE_OPS * TC_FLOP_PER_LANE / (4 * BM)
     route     = fused if fused * (1 + FUSED_MARGIN) < blend + min_b plain(b) else blend_then_plain
 
 with F = 4 B Sq Skv Hq D, P_tc the dense fp16/bf16 tensor-core peak (fp32: the CUDA-core
-peak), f the fraction of key blocks the fused kernel blends (1 for routing), and r the
-blend's ALU work on one KV tile (2 tiles x BLOCK_N x D elements x BLEND_LANE_OPS lane
-operations) relative to the tile's tensor-core work at peak (4 BM BLOCK_N D FLOP).
+peak), f the fraction of key blocks whose two tiles the fused kernel reads (1 for
+routing; its in-register blend runs on every block), and r the blend's ALU work on one
+KV tile (2 tiles x BLOCK_N x D elements x BLEND_LANE_OPS lane operations) relative to
+the tile's tensor-core work at peak (4 BM BLOCK_N D FLOP).
 """
 from __future__ import annotations
 
@@ -187,9 +188,11 @@ BLEND_LANE_OPS = 6.0
 # on the CUDA cores an FMA is 2 FLOP per lane: 2.
 TC_FLOP_PER_LANE = 32.0
 FP32_FLOP_PER_LANE = 2.0
-# Fraction of the blend's ALU time hidden under asynchronous tensor-core work.  A guess in
-# [0, 1] until measured: the route does not change at SPEC shapes anywhere in that range.
-BLEND_OVERLAP = 0.5
+# Fraction of the blend's ALU time hidden under asynchronous tensor-core work.  0 until a
+# GPU measures it: the static report shows the locked loop's PV wgmma waiting at depth 0
+# in its own iteration (its V operand is blended in registers each iteration), so the
+# blend serialises with the tensor cores (tools/gpu_report, docs/attention.md).
+BLEND_OVERLAP = 0.0
 # The fused kernel must be modelled this much faster than the blend path to be chosen:
 # its efficiency is our estimate, the FA2/FA3 numbers are published measurements.
 FUSED_MARGIN = 0.05
