@@ -11,3 +11,16 @@ def assert_fa_close(out, ref_fp32, ref_same_dtype, *, atol=1e-5, name="out"):
 
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+def make_source(source, B, S, H, D, dtype):
+    """The source arguments of lock_kv / qkv_epilogue: ``source`` is "branch<i>" (batch
+    entry i is the in-batch source), "stride0" (a batch-1 source expanded with batch
+    stride 0), "batch1" (batch 1) or "per_entry" (one source per entry)."""
+    if source.startswith("branch"):
+        return dict(source_index=int(source[-1]))
+    sb = B if source == "per_entry" else 1
+    ks, vs = (torch.randn(sb, S, H, D).to(dtype) for _ in range(2))
+    if source == "stride0":
+        ks, vs = ks.expand(B, -1, -1, -1), vs.expand(B, -1, -1, -1)
+    return dict(k_src=ks, v_src=vs)

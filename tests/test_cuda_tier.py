@@ -13,7 +13,6 @@ tests/test_routing.py.
 """
 from __future__ import annotations
 
-import importlib
 import math
 import os
 
@@ -23,7 +22,11 @@ from helpers import ATOL, assert_fa_close
 
 from kvlock_kernels import reference
 from kvlock_kernels._utils import triton_interpreting
-from kvlock_kernels.attention import routing
+from kvlock_kernels.attention import configs, routing
+from kvlock_kernels.attention.configs import configs_for
+from kvlock_kernels.attention.epilogue import qkv_epilogue
+from kvlock_kernels.attention.kv_lock_attention import fused_attention_with_config
+from kvlock_kernels.attention.lock_kv import lock_kv
 
 TIER_DEVICE = os.environ.get("KVLOCK_TIER_DEVICE", "cuda")
 CUDA = torch.cuda.is_available()
@@ -58,11 +61,7 @@ def tier_arch() -> int:
 def fused_config_cases(arch: int | None = None) -> list[tuple[str, int, tuple]]:
     """(dtype name, head dim, config) for every entry of the fused kernel's config table
     (``attention.configs.KERNEL_CONFIGS``) for ``arch``'s family, every dtype and every
-    head-dim tier; [] when the table is not importable."""
-    try:
-        configs = importlib.import_module("kvlock_kernels.attention.configs")
-    except Exception:
-        return []
+    head-dim tier."""
     arch = tier_arch() if arch is None else arch
     family = configs.KERNEL_CONFIGS[configs.arch_family(arch)]
     cases = []
@@ -92,14 +91,6 @@ def lock_kv_cases() -> list[tuple[str, str, int]]:
 
 def _case_id(case) -> str:
     return "-".join("x".join(map(str, c)) if isinstance(c, tuple) else str(c) for c in case)
-
-
-def _need(module: str, name: str):
-    """The attribute, or a skip that says which engineer's piece is missing."""
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        pytest.skip(f"{module}.{name} is not available yet ({type(e).__name__}: {e})")
 
 
 # --------------------------------------------------------------------------------------
@@ -161,7 +152,7 @@ def _check_out(out, ref, same, dtype, lse=None, ref_lse=None):
 @pytest.mark.parametrize("case", fused_config_cases(), ids=_case_id)
 @pytest.mark.parametrize("lock_kind", ["mixed", "binary"])
 def test_fused_every_config(case, lock_kind):
-    fused = _need("kvlock_kernels.attention.kv_lock_attention", "fused_attention_with_config")
+    fused = fused_attention_with_config
     dtype_name, D, config = case
     dtype = DTYPES[dtype_name]
     # Lengths not multiples of any block, GQA 2:1, batch 3, a batch-stride-0 source.
@@ -179,8 +170,7 @@ def test_fused_every_config(case, lock_kind):
 @pytest.mark.parametrize("case", spec_like_cases(), ids=_case_id)
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_fused_spec_like(case, alpha):
-    fused = _need("kvlock_kernels.attention.kv_lock_attention", "fused_attention_with_config")
-    configs_for = _need("kvlock_kernels.attention.configs", "configs_for")
+    fused = fused_attention_with_config
     dtype_name, B, frames, H, D = case
     dtype = DTYPES[dtype_name]
     text = 26 if D == 64 else 0
@@ -221,7 +211,6 @@ def test_plain_attention_backend(backend, dtype_name):
 @pytest.mark.parametrize("dtype_name", ["bf16", "fp16"])
 @pytest.mark.parametrize("shape", [(3, 333, 4, 2, 128), (2, 2 * 30 * 52, 12, 12, 128)], ids=["small", "spec-like"])
 def test_blend_then_plain(backend, dtype_name, shape):
-    lock_kv = _need("kvlock_kernels.attention.lock_kv", "lock_kv")
     dtype = DTYPES[dtype_name]
     B, S, Hq, Hkv, D = shape
     _usable_or_skip(backend, dtype, D)
@@ -267,7 +256,6 @@ def _assert_blend_close(out, ref, dtype, name):
 @needs_gpu_triton
 @pytest.mark.parametrize("case", lock_kv_cases(), ids=_case_id)
 def test_lock_kv(case):
-    lock_kv = _need("kvlock_kernels.attention.lock_kv", "lock_kv")
     mode, dtype_name, D = case
     dtype = DTYPES[dtype_name]
     B, S, H = 3, 333, 4
@@ -310,8 +298,7 @@ def _rope_tables(S_rope, D, kind, device):
 @pytest.mark.parametrize("case", epilogue_cases(), ids=_case_id)
 @pytest.mark.parametrize("source", ["branch", "cache"])
 def test_qkv_epilogue(case, source):
-    qkv_epilogue = _need("kvlock_kernels.attention.epilogue", "qkv_epilogue")
-    ref_epilogue = _need("kvlock_kernels.reference", "qkv_epilogue")
+    ref_epilogue = reference.qkv_epilogue
     norm, rope, dtype_name = case
     dtype = DTYPES[dtype_name]
     B, S, H, D, text = 3, 300, 4, 64, 20

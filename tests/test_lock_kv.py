@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 import torch
-from helpers import ATOL, assert_fa_close
+from helpers import ATOL, assert_fa_close, make_source
 
 from kvlock_kernels import reference
 from kvlock_kernels.attention.lock_kv import lock_kv
@@ -37,16 +37,7 @@ def make_lock(B, S, kind, gen=None):
 def make_inputs(B, S, H, D, dtype, source, lock_kind="soft"):
     """source: "branch0", "branch1", "stride0" (expanded batch-1 view), "batch1", "per_entry"."""
     k, v = (torch.randn(B, S, H, D).to(dtype) for _ in range(2))
-    kw = {}
-    if source.startswith("branch"):
-        kw["source_index"] = int(source[-1])
-    else:
-        sb = B if source == "per_entry" else 1
-        ks, vs = (torch.randn(sb, S, H, D).to(dtype) for _ in range(2))
-        if source == "stride0":
-            ks, vs = ks.expand(B, -1, -1, -1), vs.expand(B, -1, -1, -1)
-        kw.update(k_src=ks, v_src=vs)
-    return k, v, make_lock(B, S, lock_kind), kw
+    return k, v, make_lock(B, S, lock_kind), make_source(source, B, S, H, D, dtype)
 
 
 def upcast(kw):

@@ -8,7 +8,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import ATOL, assert_fa_close
+from helpers import ATOL, assert_fa_close, make_source
 
 from kvlock_kernels import reference
 from kvlock_kernels.attention.epilogue import qkv_epilogue
@@ -219,14 +219,7 @@ def make_inputs(B, S, H, D, dtype, norm, rope, source, *, rope_start=0, rope_len
             lock[:, ::3] = 0.0
             lock[:, 1::3] = 1.0
         kw["lock"] = lock
-        if source.startswith("branch"):
-            kw["source_index"] = int(source[-1])
-        else:
-            sb = B if source == "per_entry" else 1
-            ks, vs = (torch.randn(sb, S, H, D).to(dtype) for _ in range(2))
-            if source == "stride0":
-                ks, vs = ks.expand(B, -1, -1, -1), vs.expand(B, -1, -1, -1)
-            kw.update(k_src=ks, v_src=vs)
+        kw.update(make_source(source, B, S, H, D, dtype))
     return q, k, v, kw
 
 

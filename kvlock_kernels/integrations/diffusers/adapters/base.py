@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from abc import ABC, abstractmethod
 from typing import Optional
 
 import torch
@@ -29,7 +30,7 @@ class LoopContext(dict):
     __getattr__ = dict.get
 
 
-class ModelAdapter:
+class ModelAdapter(ABC):
     """Base class; a family subclasses it in its own file (see the module docstring)."""
 
     name: str = ""
@@ -66,17 +67,17 @@ class ModelAdapter:
         return tuple(_load(p) for p in self.stock_processor_paths)
 
     # ------------------------------------------------------------------ modules
+    @abstractmethod
     def attention_modules(self, transformer) -> list:
         """[(qualified name, attention module)] in layer order (the cache's layer index)."""
-        raise NotImplementedError
 
     def heads(self, transformer) -> int:
         return int(transformer.config.num_attention_heads)
 
     # ------------------------------------------------------------------ tokens
+    @abstractmethod
     def patch_size(self, transformer) -> tuple:
         """(pt, ph, pw) the DiT patchifies latents with."""
-        raise NotImplementedError
 
     def latent_dims(self, hidden_states: torch.Tensor) -> tuple:
         """(F, H, W) of a model input."""

@@ -14,28 +14,18 @@ expanded to every branch).
 """
 from __future__ import annotations
 
-from .base import LoopContext, ModelAdapter
-from .wan import KVLockWanAttnProcessor
+from .base import LoopContext
+from .wan import WanAdapter
 
 
-class WanVACEAdapter(ModelAdapter):
+class WanVACEAdapter(WanAdapter):
+    """Wan's attention, processors and patching; its own model class and loop inputs."""
+
     name = "wan_vace"
     family = "WanVACE (WanVACETransformer3DModel)"
     model_class_paths = ("diffusers.models.transformers.transformer_wan_vace:WanVACETransformer3DModel",)
-    stock_processor_paths = ("diffusers.models.transformers.transformer_wan:WanAttnProcessor",)
-    text_layout = "none"
-    prediction = "flow"
-    input_layout = "bcfhw"
     # diffusers defines no _cp_plan for VACE: which tokens a rank holds is unknown.
     supports_context_parallel = False
-    dispatch_module = "diffusers.models.transformers.transformer_wan"
-    processor_cls = KVLockWanAttnProcessor
-
-    def attention_modules(self, transformer):
-        return [(f"blocks.{i}.attn1", block.attn1) for i, block in enumerate(transformer.blocks)]
-
-    def patch_size(self, transformer):
-        return tuple(int(p) for p in transformer.config.patch_size)
 
     def loop_context(self, transformer, source_latents, *, transformer_kwargs=None, **unused):
         if unused:
