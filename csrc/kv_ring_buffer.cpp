@@ -151,7 +151,8 @@ class KVRingBuffer : public torch::CustomClassHolder {
       if (it->second.ready) it->second.ready->block(current_stream());  // a bring-back still writes it
       wait_slot_free(slot);
     } else {
-      if (it != entries_.end()) drop_host(it->second);
+      // A host-only entry keeps its host copy until the slot is acquired: acquire_slot may
+      // throw (a spill needs host memory), and then the entry must still be readable.
       slot = acquire_slot(nullptr);
       resident_.push_back(key);
     }
@@ -310,6 +311,8 @@ class KVRingBuffer : public torch::CustomClassHolder {
 
   void check_slot_tensor(const char* name, const at::Tensor& t) const {
     TORCH_CHECK_TYPE(t.defined(), name, " must be a tensor, got None");
+    TORCH_CHECK_TYPE(!t.is_nested(), name, " must be a dense tensor, got a nested tensor");
+    TORCH_CHECK_TYPE(t.layout() == c10::kStrided, name, " must be a dense (strided) tensor, got layout ", t.layout());
     TORCH_CHECK_TYPE(t.scalar_type() == dtype_, name, " must have the slot dtype ", c10::toString(dtype_), ", got ",
                      c10::toString(t.scalar_type()));
     TORCH_CHECK_VALUE(t.device() == device_, name, " must be on the slot device ", device_.str(), ", got ",
@@ -325,9 +328,14 @@ class KVRingBuffer : public torch::CustomClassHolder {
 
   at::Tensor checked_rows(const at::Tensor& rows) const {
     TORCH_CHECK_TYPE(rows.defined(), "rows must be a tensor, got None");
+    TORCH_CHECK_TYPE(!rows.is_nested(), "rows must be a dense index tensor, got a nested tensor");
+    TORCH_CHECK_TYPE(rows.layout() == c10::kStrided, "rows must be a dense (strided) index tensor, got layout ",
+                     rows.layout());
     TORCH_CHECK_TYPE(rows.scalar_type() == at::kLong || rows.scalar_type() == at::kInt,
                      "rows must be an int64 or int32 index tensor, got ", c10::toString(rows.scalar_type()));
     TORCH_CHECK_VALUE(rows.dim() == 1, "rows must be 1-D, got shape ", shape_str(rows.sizes()));
+    TORCH_CHECK_VALUE(rows.device().is_cpu() || rows.device() == device_, "rows must be on cpu or the slot device ",
+                      device_.str(), ", got ", rows.device().str());
     TORCH_CHECK_VALUE(rows.size(0) <= slot_shape_[0], "rows must select at most ", slot_shape_[0], " rows, got ",
                       rows.size(0));
     at::Tensor idx = rows.to(device_, at::kLong).contiguous();

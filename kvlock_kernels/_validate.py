@@ -57,8 +57,6 @@ def describe(value) -> str:
     return type(value).__name__
 
 
-_kind = describe  # the name used before describe() was public
-
 
 def _dims(ndims: Sequence[int]) -> str:
     return " or ".join(f"{n}-D" for n in ndims)

@@ -3,8 +3,8 @@
 What a random model can and cannot show.  A randomly initialised transformer cannot edit a
 video: its output is noise whatever the lock, and a stronger lock does NOT bring the edit's
 background closer to the source (on this model the background distance to the source moves
-by well under 1 % between alpha = 0 and 1, and not monotonically; the column is printed so
-you can see it).  Background fidelity is a property of a trained model: run ``kvlock-edit``
+by well under 1 % between alpha = 0 and 1, and rises rather than falls; the last column is
+printed so you can see it).  Background fidelity is a property of a trained model: run ``kvlock-edit``
 on a Wan checkpoint for that.
 
 What is true on any model, and what this example measures: the lock is the only path from

@@ -24,3 +24,25 @@ def make_source(source, B, S, H, D, dtype):
     if source == "stride0":
         ks, vs = ks.expand(B, -1, -1, -1), vs.expand(B, -1, -1, -1)
     return dict(k_src=ks, v_src=vs)
+
+
+def far_apart_batch(shape, dtype, *, apart=2 ** 31):
+    """A (2, *shape) tensor of random values whose two batch entries lie ``apart`` elements
+    apart (batch stride 2^31: int32 offsets overflow there).  A view of a lazily committed
+    buffer: only the two entries' pages are touched (a few KB of a 4 GB reservation).
+    Skips the test where the reservation is refused."""
+    import pytest
+
+    numel = 1
+    for n in shape:
+        numel *= n
+    try:
+        buf = torch.empty(apart + numel, dtype=dtype)
+    except RuntimeError as e:  # an address-space limit, not this library's behaviour
+        pytest.skip(f"cannot reserve {apart + numel} elements: {e}")
+    strides = [1]
+    for n in reversed(shape[1:]):
+        strides.insert(0, strides[0] * n)
+    t = buf.as_strided((2, *shape), (apart, *strides))
+    t.copy_(torch.randn(2, *shape).to(dtype))
+    return t

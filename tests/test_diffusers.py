@@ -253,6 +253,17 @@ def test_user_set_attn_processor_survives_disable_and_foreign_ones_are_detected(
     disable_kvlock(model)
     model.blocks[1].attn1.set_processor(before[1])
 
+    # A plan provider: the replacement is judged under the plan of the call itself (the first one too).
+    provider = lambda call: KVLockPlan.branch(soft_mask(call.num_video_tokens), 0.8, batch_size=call.batch_size)  # noqa: E731
+    enable_kvlock(model, provider)
+    model.blocks[1].attn1.set_processor(AttnProcessor2_0())
+    try:
+        with pytest.raises(RuntimeError, match=r"blocks\.1\.attn1 was replaced by AttnProcessor2_0"):
+            run(model, inputs)
+    finally:
+        disable_kvlock(model)
+        model.blocks[1].attn1.set_processor(before[1])
+
 
 def test_enable_twice_and_disable_restore_the_originals(models):
     model = models["hunyuan_video"]
@@ -419,9 +430,21 @@ def test_plan_bad_values():
         KVLockPlan.branch(torch.zeros(4), 1.5, batch_size=3)
     with pytest.raises(ValueError, match="token_mask must be"):
         KVLockPlan.branch(torch.zeros(2, 4), 1.0, batch_size=3)
+    m = tiny_model("cogvideox")
     with pytest.raises(TypeError, match="plan must be a KVLockPlan"):
-        m = tiny_model("cogvideox")
-        enable_kvlock(m)
+        enable_kvlock(m, "lock")
+    assert not is_kvlock_enabled(m)  # refused before anything was installed
+    enable_kvlock(m)
+    with pytest.raises(TypeError, match="plan must be a KVLockPlan"):
         set_plan(m, "lock")
+    compact = KVRingBuffer(2, (4, 2, 8), torch.float32, "cpu", compact=True)
+    with pytest.raises(ValueError, match="without compact=True"):
+        KVLockPlan.capture(compact, 0)
+    with pytest.raises(ValueError, match="without compact=True"):
+        KVLockPlan.cached(torch.zeros(4), cache=compact, step=0)
+    with pytest.raises(ValueError, match="latent_mask_to_tokens"):
+        KVLockPlan.branch(torch.zeros(2, 4, 4), batch_size=3)
+    ready = KVLockPlan.from_weights(torch.tensor([[0.5, 1.0, 0.0]], dtype=torch.float16), batch_size=3)
+    assert ready.lock.dtype == torch.float32 and ready.lock.tolist() == [[0.5, 1.0, 0.0]]
     soft = KVLockPlan.branch(torch.tensor([0.0, 0.25, 1.0]), 0.8, batch_size=3)
     torch.testing.assert_close(soft.lock, torch.tensor([[0.8, 0.6, 0.0]]))  # soft masks stay soft

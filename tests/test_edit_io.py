@@ -149,6 +149,13 @@ def test_mask_matching_to_the_video():
         fit_mask_to_video(torch.zeros(5, 10, 14, dtype=torch.bool), 9, 10, 14)
     with pytest.raises(EditInputError, match="aspect ratio"):
         fit_mask_to_video(torch.zeros(9, 10, 10, dtype=torch.bool), 9, 10, 14)
+    # an RGB array of another size than the video is one colour image, not 20 frames of 28x3
+    video, _ = synthetic_clip(9, 40, 56)
+    rgb = np.zeros((20, 28, 3), np.uint8)
+    rgb[5:15, 7:21, 0] = 255  # red box, a quarter of the image
+    _, mask, _, _, notes = prepare_inputs(video, rgb, ModelConstraints())
+    assert mask.shape == (9, 32, 48) and mask.any() and not mask.all()
+    assert any("mask resized from 20x28" in n for n in notes)
 
 
 # ---------------------------------------------------------------------------------------

@@ -323,6 +323,16 @@ def test_editor_constructor_bad_values():
         KVLockEditor(model, flow_sched(), transformer_2=tiny_model("cogvideox"), boundary_ratio=0.9)
     with pytest.raises(ValueError, match="source must be one of"):
         KVLockEditor(model, flow_sched(), source="sideways")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        KVLockEditor(model, flow_sched(), backend="cuda")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        KVLockEditor(model, flow_sched(), attention="sdpa")
+    with pytest.raises(TypeError, match="progress must be a bool"):
+        KVLockEditor(model, flow_sched(), progress="yes")
+    with pytest.raises(ValueError, match="the fused kernel takes no mask"):
+        KVLockEditor(tiny_model("hunyuan_video"), flow_sched(), attention="fused")
+    with pytest.raises(ValueError, match="use_dynamic_shifting=True needs a resolution-dependent mu"):
+        KVLockEditor(model, FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True))
 
 
 def test_edit_bad_inputs_fail_before_the_model_runs():
@@ -358,6 +368,11 @@ def test_edit_bad_inputs_fail_before_the_model_runs():
             editor.edit(src, torch.full((F, H, W), 2.0), pe, ne, num_steps=2)
         with pytest.raises(ValueError, match="condition is for image-to-video Wan models"):
             editor.edit(src, fg, pe, ne, num_steps=2, condition=torch.randn(1, 4, F, H, W))
+        with pytest.raises(ValueError, match="source_latents contains NaN or inf"):
+            editor.edit(torch.full_like(src, float("nan")), fg, pe, ne, num_steps=2)
+        with pytest.raises(ValueError, match=r"source_latents \(F, H, W\) = \(3, 7, 8\) must be divisible .* "
+                                             r"\(1, 2, 2\)"):
+            editor.edit(torch.randn(1, 4, F, H - 1, W), torch.zeros(F, H - 1, W), pe, ne, num_steps=2)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a rejected edit leaves no KV-Lock behind
             assert not is_kvlock_enabled(model)

@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 import torch
-from helpers import ATOL, assert_fa_close, make_source
+from helpers import ATOL, assert_fa_close, far_apart_batch, make_source
 
 from kvlock_kernels import reference
 from kvlock_kernels.attention.lock_kv import lock_kv
@@ -277,6 +277,26 @@ def test_empty_inputs():
     k = torch.randn(2, 0, 2, 16)
     out = lock_kv(k, k.clone(), torch.zeros(2, 0), source_index=0, backend="triton")
     assert out[0].shape == (2, 0, 2, 16)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_batch_strides_beyond_int32(inplace):
+    """Issue 12 (limits): batch entries 2^31 elements apart.  The kernel passes strides
+    divided by ALIGN and multiplies them back in 64-bit (in 32-bit, 2^27 * 16 wrapped to
+    -2^31 and entry 1 was read and written 4 GB before the buffer)."""
+    k = far_apart_batch((24, 2, 16), torch.float16)
+    v = far_apart_batch((24, 2, 16), torch.float16)
+    lock = make_lock(2, 24, "soft")
+    ks, vs = (torch.randn(1, 24, 2, 16).half() for _ in range(2))
+    kc, vc = k.clone(), v.clone()
+    for kw in (dict(source_index=0), dict(k_src=ks, v_src=vs)):
+        ref = reference.lock_kv(kc, vc, lock, **kw)
+        out = lock_kv(k, v, lock, **kw, inplace=inplace, backend="triton")  # functional: k, v only read
+        for o, r in zip(out, ref):
+            torch.testing.assert_close(o, r, atol=0, rtol=0)
+        if inplace:
+            k.copy_(kc)
+            v.copy_(vc)
 
 
 # ---------------------------------------------------------------------- bad input

@@ -8,7 +8,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import ATOL, assert_fa_close, make_source
+from helpers import ATOL, assert_fa_close, far_apart_batch, make_source
 
 from kvlock_kernels import reference
 from kvlock_kernels.attention.epilogue import qkv_epilogue
@@ -428,6 +428,20 @@ def test_empty_sequence():
     q = torch.randn(2, 0, 32)
     out = qkv_epilogue(q, q.clone(), q.clone(), heads=2, backend="triton")
     assert [tuple(o.shape) for o in out] == [(2, 0, 2, 16)] * 3
+
+
+def test_batch_strides_beyond_int32():
+    """Issue 12 (limits): batch entries 2^31 elements apart (in-kernel strides are 64-bit;
+    in 32-bit, ALIGN-scaled batch strides wrapped and entry 1 was read 4 GB off)."""
+    q, k, v = (far_apart_batch((20, 32), torch.float16) for _ in range(3))
+    w = torch.rand(32) + 0.5
+    lock = torch.rand(2, 20)
+    kw = dict(heads=2, norm="rms_across_heads", norm_q_weight=w, norm_k_weight=w, lock=lock, source_index=0)
+    out = qkv_epilogue(q, k, v, **kw, backend="triton")
+    ref32 = reference.qkv_epilogue(q.float(), k.float(), v.float(), **kw)
+    same = reference.qkv_epilogue(q.clone(), k.clone(), v.clone(), **kw)
+    for name, o, r, s in zip("qkv", out, ref32, same):
+        assert_fa_close(o, r, s, atol=ATOL[torch.float16], name=name)
 
 
 # ---------------------------------------------------------------------- bad input

@@ -411,17 +411,21 @@ def _source_shared(k, k_src) -> bool:
 
 
 def select_backend(device: torch.device, dtype: torch.dtype, locked: bool, backend: str,
-                   dims: Optional[tuple] = None, *, source_shared: bool = True) -> tuple[str, Optional[str]]:
+                   dims: Optional[tuple] = None, *, source_shared: bool = True,
+                   return_lse: bool = False) -> tuple[str, Optional[str]]:
     """Which implementation serves a call: ``(impl, plain_backend)`` with impl one of
     "fused" (the Triton kernel), "blend_then_plain" (``lock_kv``, then plain attention
     with ``plain_backend``), "plain" (an unlocked call: plain attention with
     ``plain_backend``) or "torch" (the PyTorch path).
 
-    dims: (B, Sq, Skv, Hq, Hkv, D), needed for "auto" on CUDA, where
+    dims: (B, Sq, Skv, Hq, Hkv, D) with B, Sq, Hq >= 1, needed for "auto" on CUDA, where
     ``routing.choose_path``'s cost model decides from shapes and dtype alone (never from
-    lock values: no sync).  "triton" forces the fused kernel (ValueError where it has no
-    config: fp32 on GPUs, head dim > 128 on sm_80); CPU tensors run it only under the
-    interpreter.  "torch" is the PyTorch path everywhere.
+    lock values: no sync).  One exception to the model: with ``return_lse`` the plain
+    route needs a backend that returns the log-sum-exp (FA3/FA2); SDPA does not, and its
+    stand-in is the chunked fp32 PyTorch LSE path, so such calls take the fused kernel
+    (which returns it) wherever it has a config.  "triton" forces the fused kernel
+    (ValueError where it has no config: fp32 on GPUs, head dim > 128 on sm_80); CPU
+    tensors run it only under the interpreter.  "torch" is the PyTorch path everywhere.
     """
     if not use_triton(device, backend):
         return "torch", None
@@ -437,9 +441,12 @@ def select_backend(device: torch.device, dtype: torch.dtype, locked: bool, backe
                              "use backend='auto' or 'torch'")
         return "fused", None
     route = choose_path(*dims, dtype, device, source_shared=source_shared)
+    fused_runs = fused_kernel_runs(device, dtype, head_dim)
+    if return_lse and route.plain_backend == "sdpa" and fused_runs:
+        return "fused", None
     if not locked:
         return "plain", route.plain_backend
-    if route.path == "fused" and fused_kernel_runs(device, dtype, head_dim):
+    if route.path == "fused" and fused_runs:
         return "fused", None
     return "blend_then_plain", route.plain_backend
 
@@ -487,8 +494,11 @@ def _kv_lock_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     B, Sq, Hq, _ = q.shape
     out = _empty_out(q, layout)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device) if return_lse else None
+    if q.numel() == 0:  # B, Sq or Hq is 0: nothing to compute (and no shape for the cost model)
+        out = out.transpose(1, 2) if layout == "bhsd" else out
+        return out, (lse if return_lse else q.new_empty(0, dtype=torch.float32))
     impl, plain_backend = select_backend(q.device, q.dtype, lock is not None, backend, _dims(q, k),
-                                         source_shared=_source_shared(k, k_src))
+                                         source_shared=_source_shared(k, k_src), return_lse=return_lse)
     if impl == "fused":
         with device_guard(q.device):
             _launch_triton(q, k, v, k_src, v_src, lock, out, lse, softmax_scale)
@@ -662,16 +672,21 @@ def kv_lock_attention(q, k, v, k_src=None, v_src=None, lock=None, *, softmax_sca
     q, k, v, k_src, v_src, lock, scale = _prepare(q, k, v, k_src, v_src, lock, softmax_scale, layout,
                                                   check_inputs)
     B, Sq, Hq, _ = q.shape
-    # Raises on an impossible backend before anything runs.
-    impl, _ = select_backend(q.device, q.dtype, lock is not None, backend, _dims(q, k),
-                             source_shared=_source_shared(k, k_src))
+    # An impossible backend ("triton" without a config or off CUDA without the
+    # interpreter) and overflowing fused-kernel strides raise here, before anything runs.
+    # "auto" on CUDA is routed inside the op at run time, and so is every call under
+    # torch.compile: the cost model and the device queries are host code that Dynamo
+    # cannot trace (and need not: the op is opaque to it).  The op raises the same errors,
+    # and the fused launch checks its strides, before launching.
+    if not torch.compiler.is_compiling() and (backend != "auto" or q.device.type != "cuda"):
+        impl, _ = select_backend(q.device, q.dtype, lock is not None, backend, _dims(q, k))
+        if impl == "fused" and q.numel() > 0:
+            check_offsets(q, k, v, k_src, v_src, lock, q)
     if Sq == 0:
         out = _empty_out(q, layout)
         out = out.transpose(1, 2) if layout == "bhsd" else out
         lse = q.new_empty(B, Hq, 0, dtype=torch.float32)
         return (out, lse) if return_lse else out
-    if impl == "fused":
-        check_offsets(q, k, v, k_src, v_src, lock, q)
     out, lse = _kv_lock_attention_op(q, k, v, k_src, v_src, lock, scale, layout, return_lse, backend)
     return (out, lse) if return_lse else out
 

@@ -107,24 +107,24 @@ def _lock_kv_kernel(
     # common power-of-two factor: multiplied back here, the compiler knows every row
     # starts on an ALIGN-element boundary and vectorises loads and stores (head dim 72:
     # strides are multiples of 8, not of the 16 Triton specialises on).
-    stride_kb *= ALIGN
-    stride_ks *= ALIGN
-    stride_kh *= ALIGN
-    stride_vb *= ALIGN
-    stride_vs *= ALIGN
-    stride_vh *= ALIGN
-    stride_ksb *= ALIGN
-    stride_kss *= ALIGN
-    stride_ksh *= ALIGN
-    stride_vsb *= ALIGN
-    stride_vss *= ALIGN
-    stride_vsh *= ALIGN
-    stride_kob *= ALIGN
-    stride_kos *= ALIGN
-    stride_koh *= ALIGN
-    stride_vob *= ALIGN
-    stride_vos *= ALIGN
-    stride_voh *= ALIGN
+    stride_kb = tl.cast(stride_kb, tl.int64) * ALIGN
+    stride_ks = tl.cast(stride_ks, tl.int64) * ALIGN
+    stride_kh = tl.cast(stride_kh, tl.int64) * ALIGN
+    stride_vb = tl.cast(stride_vb, tl.int64) * ALIGN
+    stride_vs = tl.cast(stride_vs, tl.int64) * ALIGN
+    stride_vh = tl.cast(stride_vh, tl.int64) * ALIGN
+    stride_ksb = tl.cast(stride_ksb, tl.int64) * ALIGN
+    stride_kss = tl.cast(stride_kss, tl.int64) * ALIGN
+    stride_ksh = tl.cast(stride_ksh, tl.int64) * ALIGN
+    stride_vsb = tl.cast(stride_vsb, tl.int64) * ALIGN
+    stride_vss = tl.cast(stride_vss, tl.int64) * ALIGN
+    stride_vsh = tl.cast(stride_vsh, tl.int64) * ALIGN
+    stride_kob = tl.cast(stride_kob, tl.int64) * ALIGN
+    stride_kos = tl.cast(stride_kos, tl.int64) * ALIGN
+    stride_koh = tl.cast(stride_koh, tl.int64) * ALIGN
+    stride_vob = tl.cast(stride_vob, tl.int64) * ALIGN
+    stride_vos = tl.cast(stride_vos, tl.int64) * ALIGN
+    stride_voh = tl.cast(stride_voh, tl.int64) * ALIGN
     pid_s = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from .._autograd import register_recompute_backward
 from .._triton_helpers import cast_for_store
 from .._utils import device_guard, triton_interpreting, use_triton
 from .._validate import (
@@ -115,6 +116,8 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, layout: str = "bshd", 
         (out, lse): out like out_a (same layout, contiguous), lse (B, H, S) fp32.
     Raises TypeError (not a tensor, a dtype, a dtype mismatch, a non-string layout) or
     ValueError (shapes, devices, unknown layout or backend) before anything runs.
+    Differentiable (out and lse): the backward recomputes the PyTorch merge under
+    autograd (exact, not fused).
     """
     check_choice("layout", layout, ("bshd", "bhsd"))
     check_tensor("out_a", out_a, ndim=4, layout=_dims_of(layout))
@@ -136,14 +139,11 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, layout: str = "bshd", 
 @torch.library.custom_op("kvlock_kernels::merge_attention_states", mutates_args=())
 def _merge_op(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor, layout: str,
               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not use_triton(out_a.device, backend):
+        return _torch_merge(out_a, lse_a, out_b, lse_b, layout, backend)
     a = out_a.transpose(1, 2) if layout == "bhsd" else out_a
     b = out_b.transpose(1, 2) if layout == "bhsd" else out_b
     B, S, H, D = a.shape
-    if not use_triton(a.device, backend):
-        out, lse = reference.merge_attention_states(a, lse_a, b, lse_b)
-        out = out.transpose(1, 2).contiguous() if layout == "bhsd" else out.contiguous()
-        return out, lse
-
     out = torch.empty_like(out_a, memory_format=torch.contiguous_format)
     out_v = out.transpose(1, 2) if layout == "bhsd" else out
     lse = torch.empty(B, H, S, dtype=torch.float32, device=a.device)
@@ -158,9 +158,24 @@ def _merge_op(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse
     return out, lse
 
 
+def _torch_merge(out_a, lse_a, out_b, lse_b, layout, backend):
+    """The PyTorch path (the op's arguments): the reference in bshd, out contiguous in the
+    given layout.  Differentiable: the op's backward recomputes it under autograd."""
+    a = out_a.transpose(1, 2) if layout == "bhsd" else out_a
+    b = out_b.transpose(1, 2) if layout == "bhsd" else out_b
+    out, lse = reference.merge_attention_states(a, lse_a, b, lse_b)
+    out = out.transpose(1, 2).contiguous() if layout == "bhsd" else out.contiguous()
+    return out, lse
+
+
 @_merge_op.register_fake
 def _(out_a, lse_a, out_b, lse_b, layout, backend):
     return torch.empty_like(out_a, memory_format=torch.contiguous_format), torch.empty_like(lse_a)
+
+
+# Ring attention (context parallelism) merges partials inside the model: training through
+# it needs a backward.  Not fused: the PyTorch merge is recomputed under autograd.
+register_recompute_backward(_merge_op, _torch_merge)
 
 
 def _launch_merge(grid, a, lse_a, b, lse_b, out_v, lse, H, S, D, block_s, warps):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import numbers
 import os
 import shutil
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
+
+from .._validate import check_bool, check_int, describe
 
 __all__ = ["KVRingBuffer", "KeyRangeError", "extension_available", "load_extension", "extension_build_dir"]
 
@@ -124,8 +127,11 @@ def _jit_build(reason: str) -> str:
     library = build_dir / f"{_JIT_NAME}.so"
     # A finished earlier build (no build holding the lock): load it, no compiler needed.
     if library.is_file() and not (build_dir / "lock").exists():
-        torch.ops.load_library(str(library))
-        return str(library)
+        try:
+            torch.ops.load_library(str(library))
+            return str(library)
+        except OSError as exc:  # a damaged file (an interrupted link): build it again below
+            reason = f"{reason}; the cached {library} does not load ({exc})"
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         raise RuntimeError(_NO_COMPILER.format(reason=reason, cxx=cxx))
@@ -216,6 +222,56 @@ def _check_key(key) -> tuple[int, int]:
     return step, layer
 
 
+def _key_list(keys) -> list:
+    """prefetch's ``keys``: an iterable of keys (a single key is a mistake worth naming)."""
+    if isinstance(keys, tuple) and len(keys) == 2 and all(
+            isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in keys):
+        raise TypeError(f"keys must be an iterable of (step, layer) keys, got the single key {keys!r}: "
+                        "use prefetch([key])")
+    if isinstance(keys, (str, bytes, torch.Tensor)):
+        raise TypeError(f"keys must be an iterable of (step, layer) keys, got {describe(keys)}")
+    try:
+        return list(keys)
+    except TypeError:
+        raise TypeError(f"keys must be an iterable of (step, layer) keys, got {describe(keys)}") from None
+
+
+def _check_slot_shape(slot_shape) -> tuple[int, ...]:
+    try:
+        if isinstance(slot_shape, (str, bytes, torch.Tensor)):
+            raise TypeError
+        shape = tuple(slot_shape)
+    except TypeError:
+        raise TypeError(f"slot_shape must be a sequence of ints, got {describe(slot_shape)}") from None
+    if not shape:
+        raise ValueError("slot_shape must have at least one dimension, got ()")
+    return tuple(check_int(f"slot_shape[{i}]", d, low=1) for i, d in enumerate(shape))
+
+
+def _check_device(device) -> torch.device:
+    """A cpu or cuda device (an available one), with the CUDA index filled in."""
+    if not isinstance(device, (str, torch.device, int)) or isinstance(device, bool):
+        raise TypeError(f"device must be a torch.device or a string such as 'cpu' or 'cuda:0', got "
+                        f"{describe(device)}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:  # an unknown device string, or an int without an accelerator
+        raise ValueError(f"device must name a cpu or cuda device, got {device!r} ({exc})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device}")
+    if device.type == "cpu":
+        return torch.device("cpu")  # CPU tensors carry no index: "cpu:0" is the same place
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device is {device} but CUDA is not available in this torch "
+                             f"(torch {torch.__version__}, torch.cuda.is_available() is False)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            raise ValueError(f"device is {device} but only {torch.cuda.device_count()} CUDA devices are visible")
+    return device
+
+
 def _key_error(exc: IndexError, fallback: str) -> KeyError:
     lines = str(exc).strip().splitlines()
     return KeyError(lines[0] if lines else fallback)
@@ -253,21 +309,20 @@ class KVRingBuffer:
 
     def __init__(self, capacity: int, slot_shape: Sequence[int], dtype: torch.dtype,
                  device: torch.device | str, *, host_spill: bool = False, compact: bool = False):
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+        capacity = check_int("capacity", capacity, low=1)
+        slot_shape = _check_slot_shape(slot_shape)
         if not isinstance(dtype, torch.dtype):
-            raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
-        slot_shape = tuple(slot_shape)
-        if not slot_shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in slot_shape):
-            raise ValueError(f"slot_shape must be a non-empty sequence of ints >= 1, got {slot_shape!r}")
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+            raise TypeError(f"dtype must be a torch.dtype, got {describe(dtype)}")
+        if capacity * math.prod(slot_shape) > _INT64_MAX:
+            raise ValueError(f"capacity * prod(slot_shape) must fit in int64 (the slots are one tensor), got "
+                             f"capacity={capacity}, slot_shape={slot_shape}")
+        device = _check_device(device)
+        host_spill, compact = check_bool("host_spill", host_spill), check_bool("compact", compact)
         load_extension()  # RuntimeError saying how to get the extension
         self.slot_shape, self.dtype, self.device = slot_shape, dtype, device
-        self.host_spill, self.compact = bool(host_spill), bool(compact)
+        self.host_spill, self.compact = host_spill, compact
         self._impl = torch.classes.kvlock_kernels.KVRingBuffer(capacity, list(slot_shape), dtype, device,
-                                                               self.host_spill, self.compact)
+                                                               host_spill, compact)
 
     def put(self, key, k: torch.Tensor, v: torch.Tensor, *, rows: Optional[torch.Tensor] = None) -> None:
         """Store a copy of k, v under key.
@@ -287,8 +342,9 @@ class KVRingBuffer:
         Views of the slot unless ``copy=True`` (copies taken atomically, safe to keep
         while other threads use the buffer).  A host-only entry is brought back first."""
         step, layer = _check_key(key)
+        copy = check_bool("copy", copy)
         try:
-            return tuple(self._impl.get(step, layer, bool(copy)))
+            return tuple(self._impl.get(step, layer, copy))
         except IndexError as exc:
             raise KeyError(f"key {(step, layer)} is not in the ring buffer (never stored, evicted without "
                            "host_spill, popped, discarded or cleared)") from exc
@@ -302,7 +358,7 @@ class KVRingBuffer:
         by evicting the oldest resident entries that are not among those n, so prefetch
         never evicts a key it brings in or one of them that was already resident.  Keys
         past the first n are ignored.  KeyError (and no change) if any key is absent."""
-        checked = [_check_key(k) for k in keys]
+        checked = [_check_key(k) for k in _key_list(keys)]
         try:
             self._impl.prefetch([k[0] for k in checked], [k[1] for k in checked])
         except IndexError as exc:

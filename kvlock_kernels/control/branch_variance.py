@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from .._autograd import register_recompute_backward
 from .._utils import device_guard, use_triton
 from .._validate import check_backend, check_int, check_same_device, check_tensor
 
@@ -123,7 +124,8 @@ def branch_variance(x: torch.Tensor, *, mask: Optional[torch.Tensor] = None, cor
         masked_mean: (B,) fp32; 0 for a sample with no counted position.  It is NaN only
             where a counted position of var_map is NaN (a NaN or inf in x there).
     Raises TypeError (not a tensor, wrong dtype) or ValueError (shapes, N < 2, C = 0,
-    correction out of range, devices, backend) before anything runs.
+    correction out of range, devices, backend) before anything runs.  Differentiable in x
+    (the backward recomputes the PyTorch path; not fused).
     """
     correction = _check_args(x, mask, correction, backend)
     use_triton(x.device, backend)  # an impossible backend raises here, before the op
@@ -134,8 +136,7 @@ def branch_variance(x: torch.Tensor, *, mask: Optional[torch.Tensor] = None, cor
 def _branch_variance_op(x: torch.Tensor, mask: Optional[torch.Tensor], correction: int,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if not use_triton(x.device, backend):
-        var_map, mean = reference.branch_variance(x, mask=mask, correction=correction)
-        return var_map.contiguous(), mean
+        return _torch_branch_variance(x, mask, correction, backend)
     N, B, C = x.shape[:3]
     spatial = tuple(x.shape[3:])
     P = 1
@@ -161,7 +162,7 @@ def _branch_variance_op(x: torch.Tensor, mask: Optional[torch.Tensor], correctio
             _branch_variance_kernel[(num_blocks, B)](
                 xv, mv, var, part_sum, part_cnt,
                 xv.stride(0), xv.stride(1), xv.stride(2), mask_stride_b,
-                P, C, N, 1.0 / N, 1.0 / (N - correction), 1.0 / C if C else 0.0, num_blocks,
+                P, C, N, 1.0 / N, 1.0 / (N - correction), 1.0 / C, num_blocks,
                 HAS_MASK=mask is not None, BLOCK=block, num_warps=warps,
             )
     total, count = part_sum.sum(dim=1), part_cnt.sum(dim=1)
@@ -173,6 +174,14 @@ def _branch_variance_op(x: torch.Tensor, mask: Optional[torch.Tensor], correctio
 def _(x, mask, correction, backend):
     return (x.new_empty(x.shape[1], *x.shape[3:], dtype=torch.float32),
             x.new_empty(x.shape[1], dtype=torch.float32))
+
+
+def _torch_branch_variance(x, mask, correction, backend):
+    var_map, mean = reference.branch_variance(x, mask=mask, correction=correction)
+    return var_map.contiguous(), mean
+
+
+register_recompute_backward(_branch_variance_op, _torch_branch_variance)  # not fused: PyTorch under autograd
 
 
 # --------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from .._autograd import register_recompute_backward
 from .._utils import device_guard, use_triton
 from .._validate import (
     check_backend,
@@ -71,6 +72,7 @@ def cfg_zero_star_scale(v_cond: torch.Tensor, v_uncond: torch.Tensor, eps: float
         eps: added to the squared norm, a finite number > 0.
     Returns:
         s_star: (B,) fp32, deterministic; NaN for a sample holding a NaN or inf.
+    Differentiable (the backward recomputes the PyTorch path; not fused).
     """
     check_prediction_pair(v_cond, v_uncond)
     eps = check_real("eps", eps, low=0.0, low_open=True)
@@ -82,7 +84,7 @@ def cfg_zero_star_scale(v_cond: torch.Tensor, v_uncond: torch.Tensor, eps: float
 @torch.library.custom_op("kvlock_kernels::cfg_zero_star_scale", mutates_args=())
 def _cfg_zero_star_op(v_cond: torch.Tensor, v_uncond: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
     if not use_triton(v_cond.device, backend):
-        return reference.cfg_zero_star_scale(v_cond, v_uncond, eps)
+        return _torch_cfg_zero_star(v_cond, v_uncond, eps, backend)
     B = v_cond.shape[0]
     L = math.prod(v_cond.shape[1:])
     vc, vu = v_cond.reshape(B, L).contiguous(), v_uncond.reshape(B, L).contiguous()
@@ -100,6 +102,13 @@ def _cfg_zero_star_op(v_cond: torch.Tensor, v_uncond: torch.Tensor, eps: float, 
 @_cfg_zero_star_op.register_fake
 def _(v_cond, v_uncond, eps, backend):
     return v_cond.new_empty(v_cond.shape[0], dtype=torch.float32)
+
+
+def _torch_cfg_zero_star(v_cond, v_uncond, eps, backend):
+    return reference.cfg_zero_star_scale(v_cond, v_uncond, eps)
+
+
+register_recompute_backward(_cfg_zero_star_op, _torch_cfg_zero_star)  # not fused: the PyTorch path under autograd
 
 
 # --------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from .._autograd import register_recompute_backward
 from .._triton_helpers import cast_for_store
 from .._utils import device_guard, triton_interpreting, use_triton
 from .._validate import (
@@ -107,6 +108,7 @@ def kvlock_guidance(v_cond: torch.Tensor, v_uncond: torch.Tensor, omega, *,
     Returns:
         guided (v's dtype, contiguous), or (guided, x0_hat) with x0_hat in latents' dtype.
     Non-finite inputs propagate as IEEE arithmetic gives them (module docstring).
+    Differentiable (the backward recomputes the PyTorch path; not fused).
     """
     check_prediction_pair(v_cond, v_uncond)
     check_bool("check_inputs", check_inputs)
@@ -144,12 +146,9 @@ def _guidance_op(v_cond: torch.Tensor, v_uncond: torch.Tensor, omega_t: Optional
                  s_star: Optional[torch.Tensor], latents: Optional[torch.Tensor], sigma_t: Optional[torch.Tensor],
                  sigma_v: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (guided, x0_hat); x0_hat is an empty tensor without latents."""
-    with_x0 = latents is not None
     if not use_triton(v_cond.device, backend):
-        res = reference.kvlock_guidance(v_cond, v_uncond, omega_t if omega_t is not None else omega_v,
-                                        s_star=s_star, latents=latents,
-                                        sigma=(sigma_t if sigma_t is not None else sigma_v) if with_x0 else None)
-        return res if with_x0 else (res, v_cond.new_empty(0))
+        return _torch_guidance(v_cond, v_uncond, omega_t, omega_v, s_star, latents, sigma_t, sigma_v, backend)
+    with_x0 = latents is not None
     B = v_cond.shape[0]
     vc, vu = v_cond.contiguous(), v_uncond.contiguous()
     guided = torch.empty_like(vc)
@@ -176,6 +175,18 @@ def _(v_cond, v_uncond, omega_t, omega_v, s_star, latents, sigma_t, sigma_v, bac
     x0 = torch.empty_like(latents, memory_format=torch.contiguous_format) if latents is not None \
         else v_cond.new_empty(0)
     return torch.empty_like(v_cond, memory_format=torch.contiguous_format), x0
+
+
+def _torch_guidance(v_cond, v_uncond, omega_t, omega_v, s_star, latents, sigma_t, sigma_v, backend):
+    """The PyTorch path, with the op's arguments and outputs (differentiable)."""
+    omega = omega_t if omega_t is not None else omega_v
+    if latents is None:
+        return reference.kvlock_guidance(v_cond, v_uncond, omega, s_star=s_star), v_cond.new_empty(0)
+    return reference.kvlock_guidance(v_cond, v_uncond, omega, s_star=s_star, latents=latents,
+                                     sigma=sigma_t if sigma_t is not None else sigma_v)
+
+
+register_recompute_backward(_guidance_op, _torch_guidance)  # not fused: the PyTorch path under autograd
 
 
 # --------------------------------------------------------------------------------------

@@ -81,7 +81,9 @@ def _as_batched(name, mask, check_values, pixel_stride=None):
     """(F, H, W) or (B, F, H, W) -> (B, F, H, W) and whether to squeeze B again."""
     check_tensor(name, mask, dtypes=MASK_DTYPES)
     layout = "(F, H, W) or (B, F, H, W)"
-    if mask.dim() == 5 or (mask.dim() == 4 and pixel_stride is not None and mask.shape[-1] in (1, 3, 4)
+    # A trailing 1/3/4 below the VAE's stride cannot be a width the VAE encodes: it is a
+    # channel dimension, of a video (F, H, W, C) or of a single image (H, W, C).
+    if mask.dim() == 5 or (mask.dim() in (3, 4) and pixel_stride is not None and mask.shape[-1] in (1, 3, 4)
                            and mask.shape[-1] < pixel_stride):
         raise ValueError(f"{name} must be {layout} with one value per pixel, got shape {tuple(mask.shape)}, which "
                          "looks like an image with a channel dimension (RGB/RGBA): reduce it to one channel first, "

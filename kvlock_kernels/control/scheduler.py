@@ -78,7 +78,8 @@ class KVLockScheduler:
         num_steps = check_int("num_steps", num_steps, low=1)
         kappa = check_int("kappa", kappa, low=0)
         if kappa > num_steps:
-            raise ValueError(f"kappa must be <= num_steps ({num_steps}), got {kappa}")
+            raise ValueError(f"kappa must be <= num_steps ({num_steps}), got {kappa} (the defaults kappa=20, "
+                             f"window=10 are SPEC's for 50 steps; KVLockScheduler.for_steps({num_steps}) scales them)")
         window = check_int("window", window, low=2)
         tau = check_real("tau", tau, low=0.0, low_open=True)
         omega0 = check_real("omega0", omega0, low=0.0)
@@ -99,6 +100,9 @@ class KVLockScheduler:
             self.device = torch.device(device)
         except RuntimeError as e:
             raise ValueError(f"device must name a torch device, got {device!r}: {e}") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device is {self.device} but CUDA is not available (torch.cuda.is_available() is "
+                             "False); leave device=None to use the CPU")
         if self.device.type == "cuda" and self.device.index is None:
             # CUDA tensors always carry an index: compare against the same form.
             self.device = torch.device("cuda", torch.cuda.current_device())

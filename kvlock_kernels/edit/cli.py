@@ -30,9 +30,9 @@ PROG = "kvlock-edit"
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16",
           "float32": "float32", "fp32": "float32", "float": "float32"}
 OUT_EXTENSIONS = (".mp4", ".mkv", ".mov", ".webm", ".gif")
-# Transformer classes whose checkpoints the edit loop runs (the adapters of kvlock_kernels.diffusers
-# decide the rest after loading).
-KNOWN_TRANSFORMERS = ("WanTransformer3DModel", "CogVideoXTransformer3DModel")
+# Transformer classes whose checkpoints the edit loop runs, with the loop's prediction type (the
+# adapters of kvlock_kernels.diffusers decide the rest after loading).
+KNOWN_TRANSFORMERS = {"WanTransformer3DModel": "flow", "CogVideoXTransformer3DModel": "v_prediction"}
 KNOWN_VAES = ("AutoencoderKLWan", "AutoencoderKLCogVideoX")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -161,7 +161,10 @@ def _check_args(args) -> None:
         raise EditInputError("--prompt must not be empty")
     if not args.out.lower().endswith(OUT_EXTENSIONS):
         raise EditInputError(f"--out must be a video file ({', '.join(OUT_EXTENSIONS)}), got {args.out!r}")
+    inputs = {os.path.realpath(p) for p in (args.video, args.mask) if p is not None}
     for name, path in output_paths(args).items():
+        if os.path.realpath(path) in inputs:
+            raise EditInputError(f"the {name} would be written to {path!r}, which is an input: choose another --out")
         d = os.path.dirname(os.path.abspath(path))
         if os.path.exists(d) and not os.path.isdir(d):
             raise EditInputError(f"cannot write the {name} to {path!r}: {d!r} is not a folder")
@@ -171,11 +174,7 @@ def _check_args(args) -> None:
         from .masks_io import parse_box
 
         parse_box(args.box)
-    if not os.path.isdir(args.model):
-        if os.path.exists(args.model):
-            raise EditInputError(f"--model {args.model!r} is a file: give a diffusers pipeline folder or a hub id")
-        if not HUB_ID.match(args.model):
-            raise EditInputError(f"--model {args.model!r}: no such folder (and not a hub id of the form owner/name)")
+    _check_model_arg(args.model)
 
 
 def _resolve_device(name: Optional[str]):
@@ -202,8 +201,24 @@ def _read_json(path):
         raise EditInputError(f"could not read {path!r}: {e}") from None
 
 
+def _component_config(model: str, sub: str, filename: str = "config.json") -> Optional[dict]:
+    """A component's config file of a pipeline folder, or None when it has none (or it is unreadable:
+    loading the pipeline then says what is wrong)."""
+    path = os.path.join(model, sub, filename)
+    if not os.path.isfile(path):
+        return None
+    try:
+        return _read_json(path)
+    except EditInputError:
+        return None
+
+
 def _precheck_folder(model: str) -> dict:
-    """Look at a local pipeline folder before loading any weights."""
+    """Look at a local pipeline folder before loading any weights: refuse what its config files
+    already show the edit cannot run (another family, an image-conditioned pipeline or transformer,
+    a scheduler that does not fit the family's loop)."""
+    from .pipeline import IMAGE_CONDITIONED_PIPELINES, IMAGE_CONDITIONED_WHY, check_scheduler_config
+
     index = os.path.join(model, "model_index.json")
     if not os.path.isfile(index):
         raise UnsupportedModelError(f"--model {model!r} is not a diffusers pipeline folder (no model_index.json): "
@@ -222,6 +237,17 @@ def _precheck_folder(model: str) -> dict:
             "kvlock-edit runs Wan text-to-video checkpoints (WanTransformer3DModel with AutoencoderKLWan: Wan2.1 "
             "T2V 1.3B / 14B, Wan2.2 T2V A14B and TI2V-5B) and CogVideoX text-to-video (CogVideoXTransformer3DModel "
             "with AutoencoderKLCogVideoX)")
+    if cls in IMAGE_CONDITIONED_PIPELINES:
+        raise UnsupportedModelError(f"--model {model!r} is a {cls}: {IMAGE_CONDITIONED_WHY}")
+    tcfg = _component_config(model, "transformer") or _component_config(model, "transformer_2") or {}
+    vcfg = _component_config(model, "vae") or {}
+    in_ch, channels = tcfg.get("in_channels"), vcfg.get("z_dim", vcfg.get("latent_channels"))
+    if in_ch is not None and channels is not None and in_ch != channels:
+        raise UnsupportedModelError(f"--model {model!r}: its transformer takes {in_ch} input channels but the VAE "
+                                    f"makes {channels}-channel latents: {IMAGE_CONDITIONED_WHY}")
+    scfg = _component_config(model, "scheduler", "scheduler_config.json")
+    if scfg is not None and component("scheduler"):
+        check_scheduler_config(component("scheduler"), scfg, KNOWN_TRANSFORMERS[transformer])
     return info
 
 
@@ -229,11 +255,9 @@ def constraints_from_folder(model: str):
     """The model's geometry from its config files (before loading weights), or None."""
     from .geometry import ModelConstraints
 
-    try:
-        vae = _read_json(os.path.join(model, "vae", "config.json"))
-        sub = "transformer" if os.path.isdir(os.path.join(model, "transformer")) else "transformer_2"
-        tr = _read_json(os.path.join(model, sub, "config.json"))
-    except EditInputError:
+    vae = _component_config(model, "vae")
+    tr = _component_config(model, "transformer") or _component_config(model, "transformer_2")
+    if vae is None or tr is None:
         return None
     if "temporal_compression_ratio" in vae:  # AutoencoderKLCogVideoX
         t, s = int(vae["temporal_compression_ratio"]), 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
@@ -242,18 +266,25 @@ def constraints_from_folder(model: str):
     return ModelConstraints.from_configs(t, s, tr)
 
 
+def _check_model_arg(model: str) -> bool:
+    """True for a local folder; a hub id is fine; anything else is an EditInputError."""
+    if os.path.isdir(model):
+        return True
+    if os.path.exists(model):
+        raise EditInputError(f"--model {model!r} is a file: give a diffusers pipeline folder or a hub id")
+    if not HUB_ID.match(model):
+        raise EditInputError(f"--model {model!r}: no such folder (and not a hub id of the form owner/name)")
+    return False
+
+
 def load_pipeline(model: str, *, dtype: str, vae_dtype: str, device, cpu_offload: bool = False, quiet: bool = False):
     """DiffusionPipeline.from_pretrained: a local folder with local_files_only, a hub id through
     diffusers' own download.  Returns the pipeline on ``device``."""
     import torch
 
-    local = os.path.isdir(model)
+    local = _check_model_arg(model)
     if local:
         _precheck_folder(model)
-    elif os.path.exists(model):
-        raise EditInputError(f"--model {model!r} is a file: give a diffusers pipeline folder or a hub id")
-    elif not HUB_ID.match(model):
-        raise EditInputError(f"--model {model!r}: no such folder (and not a hub id of the form owner/name)")
     try:
         from diffusers import DiffusionPipeline
         from diffusers.utils import logging as dlogging
@@ -331,9 +362,10 @@ def run(args) -> int:
 
     device = _resolve_device(args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if args.cpu_offload and device.type != "cuda":
+        raise EditInputError("--cpu-offload needs a CUDA --device")
     paths = output_paths(args)
     progress = not args.quiet
-    notes: List[str] = []
 
     # Read and check the inputs before loading any weights (a bad mask fails in seconds).
     t0 = time.perf_counter()
@@ -363,7 +395,6 @@ def run(args) -> int:
     timings["load"] = time.perf_counter() - t0
     if editor.constraints != pre:  # a hub checkpoint: fit again with its real constraints
         t0 = time.perf_counter()
-        notes = []
         source, pixel_mask, plan, fps, notes = prepare_inputs(args.video, args.mask, editor.constraints, **fit)
         timings["read"] += time.perf_counter() - t0
     for n in notes:

@@ -92,13 +92,13 @@ def binarize_mask(values: np.ndarray, *, name: str = "mask", notes: Optional[Lis
     raise EditInputError(f"{name} must be a bool, integer or float array, got dtype {a.dtype}")
 
 
-def mask_from_array(mask, height: int, width: int, *, name: str = "mask",
+def mask_from_array(mask, *, name: str = "mask",
                     notes: Optional[List[str]] = None) -> torch.Tensor:
     """A mask given as an array or tensor -> (F, H', W') bool tensor (not yet matched to the video).
 
-    Accepted layouts: (H, W); (F, H, W); (H, W, C) when (H, W) is the video's size;
-    (F, H, W, C) with C in 1..4 (colour reduced as for files).  torch tensors and numpy
-    arrays alike.
+    Accepted layouts: (H, W); (F, H, W); (H, W, C) and (F, H, W, C) with C in 1..4 (colour
+    reduced as for files).  torch tensors and numpy arrays alike.  Matching it to the video is
+    ``fit_mask_to_video``'s.
     """
     if isinstance(mask, torch.Tensor):
         a = mask.detach().cpu()
@@ -106,12 +106,13 @@ def mask_from_array(mask, height: int, width: int, *, name: str = "mask",
     elif isinstance(mask, np.ndarray):
         a = mask
     elif isinstance(mask, (list, tuple)) and mask and all(isinstance(m, (np.ndarray, torch.Tensor)) for m in mask):
-        return torch.cat([mask_from_array(m, height, width, name=name, notes=notes) for m in mask])
+        return torch.cat([mask_from_array(m, name=name, notes=notes) for m in mask])
     else:
         raise TypeError(f"{name} must be a numpy array, a torch tensor, a path or a box, got {type(mask).__name__}")
     if a.ndim == 2:
         a = a[None]
-    elif a.ndim == 3 and a.shape[:2] == (height, width) and a.shape[2] in (1, 2, 3, 4):
+    elif a.ndim == 3 and a.shape[2] in (1, 2, 3, 4):
+        # (H, W, C): one colour image (a mask 1-4 pixels wide cannot be (F, H, W) of a video the model takes)
         a = _reduce_channels(a)[None]
     elif a.ndim == 4:
         if a.shape[3] not in (1, 2, 3, 4):
@@ -135,8 +136,7 @@ def read_mask(path: str, *, max_frames: Optional[int] = None, notes: Optional[Li
             arr = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise EditInputError(f"could not read mask {path!r}: {e}") from None
-        # .npy layouts: (H, W), (F, H, W) or (F, H, W, C); (-1, -1) rules out (H, W, C).
-        m = mask_from_array(arr, -1, -1, name=f"mask {path!r}", notes=notes)
+        m = mask_from_array(arr, name=f"mask {path!r}", notes=notes)
         return m[:max_frames] if max_frames else m
     frames, _ = read_raw_frames(path, max_frames=max_frames, what="mask", palette_as_mask=True)
     shapes = {f.shape[:2] for f in frames}

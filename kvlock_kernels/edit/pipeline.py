@@ -53,14 +53,16 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from ..control.scheduler import KVLockScheduler
 from .errors import EditInputError, KVLockEditWarning, UnsupportedModelError
 from .geometry import FitPlan, ModelConstraints, latent_shape, plan_fit
 from .masks_io import box_mask, dilate_mask, fit_mask_to_video, mask_from_array, parse_box, read_mask
 from .metrics import fidelity as fidelity_metrics
 from .video_io import DEFAULT_FPS, Video, read_video
 
-__all__ = ["KVLockVideoEditor", "EditResult", "check_flow_matching", "check_v_prediction", "check_pipeline",
-           "prepare_inputs", "as_video", "OUTPUT_TYPES", "VIDEO_FAMILIES"]
+__all__ = ["KVLockVideoEditor", "EditResult", "check_flow_matching", "check_v_prediction", "check_scheduler_config",
+           "check_pipeline", "prepare_inputs", "as_video", "OUTPUT_TYPES", "VIDEO_FAMILIES",
+           "IMAGE_CONDITIONED_PIPELINES"]
 
 OUTPUT_TYPES = ("np", "uint8", "pt", "pil")
 SOURCES = ("branch", "inversion")
@@ -69,42 +71,64 @@ SOURCES = ("branch", "inversion")
 # ----------------------------------------------------------------------------------------
 # What can be edited
 # ----------------------------------------------------------------------------------------
-def check_flow_matching(scheduler) -> str:
-    """Refuse (UnsupportedModelError) a scheduler that is not flow matching; return a short
-    description of the one that is."""
-    name = type(scheduler).__name__
-    cfg = getattr(scheduler, "config", {}) or {}
-    get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
-    if not (hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "step")):
-        raise UnsupportedModelError(f"the pipeline's scheduler {name} is not a diffusers scheduler")
+def _config_getter(config):
+    return config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
+
+
+def check_scheduler_config(name: str, config, prediction: str = "flow") -> str:
+    """Refuse (UnsupportedModelError) a scheduler, from its class name and config alone, that does
+    not fit the family's loop; return a short description of one that does.
+
+    Arguments:
+        name: the scheduler's class name (``_class_name`` of a ``scheduler_config.json``).
+        config: its config (a dict, a diffusers FrozenDict or an object with attributes).
+        prediction: "flow" (Wan: flow matching) or "v_prediction" (CogVideoX: DDPM v-prediction).
+    """
+    get = _config_getter(config or {})
+    if prediction == "v_prediction":
+        if get("prediction_type", None) != "v_prediction":
+            raise UnsupportedModelError(
+                f"the checkpoint's scheduler {name} (prediction_type={get('prediction_type', None)!r}) does not fit "
+                "CogVideoX's loop: KV-Lock runs CogVideoX as a DDPM v-prediction model (CogVideoXDDIMScheduler, "
+                "CogVideoXDPMScheduler or DDIMScheduler with prediction_type='v_prediction', as its checkpoints ship)")
+        return f"{name}(prediction_type='v_prediction')"
     if name.startswith("FlowMatch"):
         if get("use_dynamic_shifting", False):
             raise UnsupportedModelError(f"the checkpoint's scheduler {name} uses dynamic shifting (its timesteps "
                                         "depend on the image size through `mu`), which KV-Lock's loop does not set; "
                                         "use a scheduler config with use_dynamic_shifting=False")
         return f"{name}(shift={get('shift', 1.0)})"
-    prediction = get("prediction_type", None)
-    if prediction == "flow_prediction" and get("use_flow_sigmas", False):
+    kind = get("prediction_type", None)
+    if kind == "flow_prediction" and get("use_flow_sigmas", False):
         return f"{name}(prediction_type='flow_prediction', flow_shift={get('flow_shift', 1.0)})"
     raise UnsupportedModelError(
-        f"the checkpoint's scheduler {name} (prediction_type={prediction!r}, use_flow_sigmas="
+        f"the checkpoint's scheduler {name} (prediction_type={kind!r}, use_flow_sigmas="
         f"{get('use_flow_sigmas', None)!r}) is not flow matching: KV-Lock's loop noises the source as "
         "z = (1 - sigma) x0 + sigma * eps and predicts x0 = z - sigma * v, which needs "
         "FlowMatchEulerDiscreteScheduler or a solver with prediction_type='flow_prediction' and "
         "use_flow_sigmas=True (Wan's UniPCMultistepScheduler)")
 
 
+def check_flow_matching(scheduler) -> str:
+    """Refuse (UnsupportedModelError) a scheduler that is not flow matching; return a short
+    description of the one that is."""
+    name = type(scheduler).__name__
+    if not (hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "step")):
+        raise UnsupportedModelError(f"the pipeline's scheduler {name} is not a diffusers scheduler")
+    return check_scheduler_config(name, getattr(scheduler, "config", None), "flow")
+
+
 def check_v_prediction(scheduler) -> str:
     """Refuse (UnsupportedModelError) a scheduler that is not a DDPM v-prediction one (CogVideoX's loop)."""
     name = type(scheduler).__name__
-    cfg = getattr(scheduler, "config", {}) or {}
-    prediction = cfg.get("prediction_type", None) if hasattr(cfg, "get") else None
-    if prediction != "v_prediction" or not hasattr(scheduler, "alphas_cumprod"):
-        raise UnsupportedModelError(
-            f"the checkpoint's scheduler {name} (prediction_type={prediction!r}) does not fit CogVideoX's loop: "
-            "KV-Lock runs CogVideoX as a DDPM v-prediction model (CogVideoXDDIMScheduler, CogVideoXDPMScheduler or "
-            "DDIMScheduler with prediction_type='v_prediction', as its checkpoints ship)")
-    return f"{name}(prediction_type='v_prediction')"
+    if not hasattr(scheduler, "alphas_cumprod"):
+        raise UnsupportedModelError(f"the checkpoint's scheduler {name} has no alphas_cumprod: CogVideoX's loop "
+                                    "needs a DDPM scheduler with prediction_type='v_prediction'")
+    return check_scheduler_config(name, getattr(scheduler, "config", None), "v_prediction")
+
+
+def _check_scheduler(scheduler, prediction: str) -> str:
+    return check_flow_matching(scheduler) if prediction == "flow" else check_v_prediction(scheduler)
 
 
 def _editor_class():
@@ -128,6 +152,14 @@ def _adapter(transformer):
 
 # Families whose whole pipeline (VAE normalisation, prompts, the loop) kvlock-edit runs.
 VIDEO_FAMILIES = {"wan": "Wan2.1 / Wan2.2 text-to-video", "cogvideox": "CogVideoX text-to-video"}
+# Pipelines of those families that need inputs a mask edit does not have (a conditioning image
+# or control video): refused by class, whatever their transformer (VACE's transformer is
+# refused by its family).
+IMAGE_CONDITIONED_PIPELINES = ("WanImageToVideoPipeline", "WanAnimatePipeline", "CogVideoXImageToVideoPipeline",
+                               "CogVideoXFunControlPipeline")
+IMAGE_CONDITIONED_WHY = ("an image-conditioned pipeline (its conditioning image or control video would pin the "
+                         "source's content, which the edit may change) is not run by kvlock-edit; use a text-to-video "
+                         "checkpoint")
 
 
 def check_pipeline(pipe) -> Dict[str, Any]:
@@ -143,6 +175,8 @@ def check_pipeline(pipe) -> Dict[str, Any]:
                                     "CogVideoX text-to-video)")
     if transformer is None:
         raise UnsupportedModelError(f"{name} has no high-noise transformer (only transformer_2)")
+    if any(c.__name__ in IMAGE_CONDITIONED_PIPELINES for c in type(pipe).__mro__):
+        raise UnsupportedModelError(f"{name}: {IMAGE_CONDITIONED_WHY}")
     adapter = _adapter(transformer)
     family = adapter.name
     if family not in VIDEO_FAMILIES:
@@ -168,14 +202,13 @@ def check_pipeline(pipe) -> Dict[str, Any]:
     in_ch = getattr(transformer.config, "in_channels", None)
     if in_ch is not None and in_ch != channels:
         raise UnsupportedModelError(
-            f"{name}'s transformer takes {in_ch} input channels but the VAE makes {channels}-channel latents: an "
-            "image-conditioned checkpoint (image-to-video: its conditioning would pin the first frame of the source, "
-            "which the edit may change) is not run by kvlock-edit; use a text-to-video checkpoint")
+            f"{name}'s transformer takes {in_ch} input channels but the VAE makes {channels}-channel latents: "
+            f"{IMAGE_CONDITIONED_WHY}")
     cfg = getattr(pipe, "config", {}) or {}
     boundary = cfg.get("boundary_ratio", None) if hasattr(cfg, "get") else None
     expand = bool(cfg.get("expand_timesteps", False)) if hasattr(cfg, "get") else False
     prediction = adapter.prediction
-    sched = check_flow_matching(pipe.scheduler) if prediction == "flow" else check_v_prediction(pipe.scheduler)
+    sched = _check_scheduler(pipe.scheduler, prediction)
     return {"pipeline": name, "family": family, "transformer": type(transformer).__name__,
             "transformer_2": type(transformer_2).__name__ if transformer_2 is not None else None,
             "boundary_ratio": boundary if transformer_2 is not None else None, "expand_timesteps": expand,
@@ -320,7 +353,7 @@ def prepare_inputs(video, mask=None, constraints: Optional[ModelConstraints] = N
         if isinstance(mask, (str, os.PathLike)):
             raw = read_mask(mask, max_frames=nf, notes=notes)
         else:
-            raw = mask_from_array(mask, sh, sw, notes=notes)
+            raw = mask_from_array(mask, notes=notes)
         pixel = fit_mask_to_video(raw, plan.frames, sh, sw, video_frames=nf, notes=notes)
     source = plan.apply_video(vid.frames)
     pixel = dilate_mask(plan.apply_mask(pixel), dilate)
@@ -468,8 +501,6 @@ class KVLockVideoEditor:
         """The KV-Lock schedule for ``num_steps`` (``KVLockScheduler.for_steps``: kappa and window
         scale with the step count unless given).  ``hold``: alpha_pre and omega0 at every step
         (kappa = 0; used for an empty mask).  Returns (scheduler, warnings as strings)."""
-        from ..control.scheduler import KVLockScheduler
-
         if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
             raise EditInputError(f"--steps must be a positive integer, got {num_steps!r}")
         if not isinstance(guidance, numbers.Real) or isinstance(guidance, bool) or not np.isfinite(guidance) \
@@ -485,27 +516,22 @@ class KVLockVideoEditor:
                 return KVLockScheduler(num_steps, kappa=0, window=window, **kw), msgs
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                if hasattr(KVLockScheduler, "for_steps"):
-                    sched = KVLockScheduler.for_steps(num_steps, kappa=kappa, window=window, **kw)
-                else:  # pragma: no cover - before F2's for_steps
-                    k = round(0.4 * num_steps) if kappa is None else kappa
-                    w = max(2, round(0.2 * num_steps)) if window is None else window
-                    sched = KVLockScheduler(num_steps, kappa=k, window=w, **kw)
+                sched = KVLockScheduler.for_steps(num_steps, kappa=kappa, window=window, **kw)
         except (TypeError, ValueError) as e:
             raise EditInputError(f"KV-Lock schedule: {e}") from None
         for w in caught:  # for_steps' own "never activates" warning is restated below, with the CLI's names
             if "for_steps" not in str(w.message):
                 warnings.warn(str(w.message), w.category, stacklevel=3)
-        if not _activates(sched) and kappa != 0:
-            k_how = "round(0.4 * steps)" if kappa is None else "given"
-            w_how = "max(2, round(0.2 * steps))" if window is None else "given"
-            need = _min_steps(KVLockScheduler, kappa, window)
+        if not sched.can_activate and kappa != 0:
+            k_how = f"round(0.4 * steps) = {sched.kappa}" if kappa is None else f"{sched.kappa} (--kappa)"
+            w_how = f"max(2, round(0.2 * steps)) = {sched.window}" if window is None else f"{sched.window} (--window)"
+            need = KVLockScheduler.min_active_steps(kappa=kappa, window=window)
             msgs.append(
-                f"--steps {num_steps} is below what KV-Lock's schedule needs: it runs in the last kappa = {k_how} = "
-                f"{sched.kappa} steps and measures the x0-hat variance over a window of {w_how} = {sched.window} "
-                f"steps, and no step can see {sched.window} recorded steps inside the last {sched.kappa}; so alpha "
-                f"stays alpha_pre = {sched.alpha_pre:g} (full background lock) and omega stays omega0 = "
-                f"{sched.omega0:g} for the whole run"
+                f"--steps {num_steps} is below what KV-Lock's schedule needs: it runs in the last kappa = {k_how} "
+                f"steps and measures the x0-hat variance over a window of {w_how} steps, and no step can see "
+                f"{sched.window} recorded steps inside the last {sched.kappa}; so alpha stays alpha_pre = "
+                f"{sched.alpha_pre:g} (full background lock) and omega stays omega0 = {sched.omega0:g} for the "
+                "whole run"
                 + (f"; the schedule activates from {need} steps (SPEC: 50 steps, kappa 20, window 10)" if need else ""))
         return sched, msgs
 
@@ -588,7 +614,9 @@ class KVLockVideoEditor:
                                                          tau=tau, hold=empty, device=device)
                 for m in sched_msgs:
                     warn(m)
-            elif getattr(kv_lock, "num_steps", num_steps) != num_steps:
+            elif not isinstance(kv_lock, KVLockScheduler):
+                raise TypeError(f"kv_lock must be a KVLockScheduler, got {type(kv_lock).__name__}")
+            elif kv_lock.num_steps != num_steps:
                 raise EditInputError(f"kv_lock was built for {kv_lock.num_steps} steps, the edit asks for {num_steps}")
             if generator is None:
                 generator = torch.Generator("cpu").manual_seed(0 if seed is None else int(seed))
@@ -597,7 +625,7 @@ class KVLockVideoEditor:
                                      "so that a seed gives the same edit on every device); or pass seed=")
         schedule = {k: getattr(kv_lock, k, None) for k in ("num_steps", "kappa", "window", "tau", "omega0", "b",
                                                            "alpha_pre", "omega_lower")}
-        schedule["activates"] = _activates(kv_lock)
+        schedule["activates"] = bool(kv_lock.can_activate)
         schedule["held_for_empty_mask"] = empty
 
         bar = _bar(2, "encode", self.progress)
@@ -621,8 +649,7 @@ class KVLockVideoEditor:
 
         with timer.phase("edit"):
             scheduler = self._scheduler_copy()
-            model["scheduler_config"] = (check_flow_matching(scheduler) if self.model_info["prediction"] == "flow"
-                                         else check_v_prediction(scheduler))
+            model["scheduler_config"] = _check_scheduler(scheduler, self.model_info["prediction"])
             editor = self._make_editor(scheduler, kv_lock)
             kw = {"generator": generator}
             if src is not None:
@@ -677,40 +704,19 @@ class KVLockVideoEditor:
             raise UnsupportedModelError(f"KVLockEditor cannot run this checkpoint: {e}") from None
 
     def _complete_trace(self, trace, scheduler) -> List[dict]:
-        timesteps = getattr(scheduler, "timesteps", None)
-        sigmas = getattr(scheduler, "sigmas", None)
-        boundary = self.model_info.get("boundary_ratio")
-        num_train = getattr(scheduler.config, "num_train_timesteps", 1000)
+        """The editor's rows (step, sigma2, alpha, omega, s_star, expert index) with the step's timestep,
+        its sigma (flow matching) and the expert's name."""
+        timesteps = scheduler.timesteps
+        sigmas = getattr(scheduler, "sigmas", None) if self.model_info["prediction"] == "flow" else None
         out = []
         for row in trace:
-            row = dict(row)
-            k = int(row.get("step", len(out)))
-            if timesteps is not None and k < len(timesteps) and "timestep" not in row:
-                row["timestep"] = float(timesteps[k])
-            if sigmas is not None and k < len(sigmas) and "sigma" not in row:
+            k = int(row["step"])
+            row = dict(row, timestep=float(timesteps[k]),
+                       expert="transformer_2" if int(row.get("expert", 0)) == 1 else "transformer")
+            if sigmas is not None:
                 row["sigma"] = float(sigmas[k])
-            if isinstance(row.get("expert"), (int, float)) and not isinstance(row.get("expert"), bool):
-                row["expert"] = "transformer_2" if int(row["expert"]) == 1 else "transformer"  # the editor's index
-            elif boundary is not None and "expert" not in row and "timestep" in row:
-                row["expert"] = "transformer" if row["timestep"] >= boundary * num_train else "transformer_2"
-            out.append({k2: (float(v) if isinstance(v, torch.Tensor) else v) for k2, v in row.items()})
+            out.append(row)
         return out
-
-
-def _activates(sched) -> bool:
-    if hasattr(sched, "can_activate"):
-        return bool(sched.can_activate)
-    n, kappa, window = sched.num_steps, sched.kappa, sched.window
-    return kappa > 0 and max(n - kappa, window) < n
-
-
-def _min_steps(cls, kappa, window) -> Optional[int]:
-    if hasattr(cls, "min_active_steps"):
-        try:
-            return cls.min_active_steps(kappa=kappa, window=window)
-        except (TypeError, ValueError):
-            return None
-    return None
 
 
 def _convert(frames: np.ndarray, output_type: str):

@@ -22,14 +22,14 @@ from typing import Optional
 
 import torch
 
-from ..._validate import check_int, check_mask, describe
+from ..._validate import check_backend, check_bool, check_choice, check_int, check_mask, describe
 from ...cache.ring_buffer import KVRingBuffer
 from ...control.cfg_zero_star_scale import cfg_zero_star_scale
 from ...control.kvlock_guidance import kvlock_guidance
 from ...control.masks import latent_mask_to_tokens
 from ...control.scheduler import KVLockScheduler
 from .adapters import adapter_for
-from .install import disable_kvlock, enable_kvlock, is_kvlock_enabled, set_plan
+from .install import _unwrap, check_attention, disable_kvlock, enable_kvlock, is_kvlock_enabled, set_plan
 from .parallel import cp_degree
 from .plan import SOURCE_INDEX, KVLockPlan
 
@@ -61,6 +61,10 @@ def _scheduler_kind(sched) -> str:
 
     config = getattr(sched, "config", None)
     if isinstance(sched, FlowMatchEulerDiscreteScheduler):
+        if config.use_dynamic_shifting:
+            raise ValueError("FlowMatchEulerDiscreteScheduler with use_dynamic_shifting=True needs a resolution-"
+                             "dependent mu the editor does not compute; use the checkpoint's fixed shift "
+                             "(use_dynamic_shifting=False, shift=...)")
         return "flow"
     if isinstance(sched, (UniPCMultistepScheduler, DPMSolverMultistepScheduler)):
         if config.use_flow_sigmas and config.prediction_type == "flow_prediction":
@@ -130,7 +134,8 @@ class KVLockEditor:
                  attention: str = "diffusers", expand_timesteps: Optional[bool] = None):
         self.adapter = adapter_for(transformer)
         if transformer_2 is not None:
-            if adapter_for(transformer_2) is not self.adapter or type(transformer_2) is not type(transformer):
+            if adapter_for(transformer_2) is not self.adapter or type(_unwrap(transformer_2)) is not type(
+                    _unwrap(transformer)):
                 raise TypeError(f"transformer_2 must be the same kind of model as transformer "
                                 f"({type(transformer).__name__}), got {describe(transformer_2)}")
             if len(self.adapter.attention_modules(transformer_2)) != len(self.adapter.attention_modules(transformer)):
@@ -147,12 +152,14 @@ class KVLockEditor:
                 raise ValueError(f"boundary_ratio must be in (0, 1), got {boundary_ratio}")
         if kv_lock is not None and not isinstance(kv_lock, KVLockScheduler):
             raise TypeError(f"kv_lock must be a KVLockScheduler or None, got {describe(kv_lock)}")
-        if not isinstance(source, str) or source not in SOURCES + ("cache",):
-            raise ValueError(f"source must be one of {SOURCES} ('cache' = 'inversion'), got {source!r}")
+        check_choice("source", source, SOURCES + ("cache",))
         if cache_capacity is not None:
             cache_capacity = check_int("cache_capacity", cache_capacity, low=1)
         if expand_timesteps is not None and not isinstance(expand_timesteps, bool):
             raise TypeError(f"expand_timesteps must be a bool or None, got {describe(expand_timesteps)}")
+        check_backend(backend)
+        check_bool("progress", progress)
+        check_attention(self.adapter, attention)
         self.loop = _scheduler_kind(noise_scheduler)
         if self.loop != self.adapter.prediction:
             want = ("a flow-matching scheduler" if self.adapter.prediction == "flow"
@@ -292,6 +299,10 @@ class KVLockEditor:
             raise TypeError(f"fg_mask must be a torch.Tensor (F, H, W) (convert a numpy mask with torch.from_numpy), "
                             f"got {describe(fg_mask)}")
         spatial = tuple(source_latents.shape[2:])
+        patch = self.adapter.patch_size(self.transformer)
+        if any(d % p for d, p in zip(spatial, patch)):
+            raise ValueError(f"source_latents (F, H, W) = {spatial} must be divisible by the transformer's patch size "
+                             f"{patch} (pad or crop the video to a multiple of it)")
         check_mask("fg_mask", fg_mask, ndim=3, layout="(F, H, W)")  # kind, dtype and values (one host read)
         if tuple(fg_mask.shape) != spatial:
             raise ValueError(f"fg_mask must be the latent-resolution mask (F, H, W) = {spatial}, "
@@ -302,6 +313,9 @@ class KVLockEditor:
             embeds["source_prompt_embeds"] = source_prompt_embeds
         for name, e in embeds.items():
             _check_embeds(name, e, text_dim)
+        for name, t in dict(source_latents=source_latents, **embeds).items():
+            if not torch.isfinite(t).all():  # one host read per input per edit: NaN would run the whole loop
+                raise ValueError(f"{name} contains NaN or inf")
         if len({tuple(e.shape) for e in embeds.values()}) > 1:
             shapes = ", ".join(f"{n} {tuple(e.shape)}" for n, e in embeds.items())
             raise ValueError(f"the text embeddings must have one shape (1, L, D) to share a batch: got {shapes}; "
@@ -319,6 +333,9 @@ class KVLockEditor:
 
         device = source_latents.device
         source_latents = source_latents.float()
+        prompt_embeds, negative_prompt_embeds = prompt_embeds.to(device), negative_prompt_embeds.to(device)
+        if source_prompt_embeds is not None:
+            source_prompt_embeds = source_prompt_embeds.to(device)
         family_inputs = {k: v for k, v in dict(condition=condition, image_embeds=image_embeds,
                                                transformer_kwargs=transformer_kwargs).items() if v is not None}
         if self.expand_timesteps is not None:

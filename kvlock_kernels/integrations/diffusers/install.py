@@ -25,13 +25,16 @@ import math
 import warnings
 from typing import Optional
 
+import torch
+
 from ..._validate import check_choice, describe
 from .adapters import adapter_for
 from .parallel import check_servable
-from .plan import SOURCE_INDEX, KVLockCall, KVLockPlan
+from .plan import KVLockCall, KVLockPlan, PlanLike
 from .processors import KVLockProcessor
 
-__all__ = ["enable_kvlock", "disable_kvlock", "set_plan", "get_plan", "is_kvlock_enabled", "ATTENTION_PATHS"]
+__all__ = ["enable_kvlock", "disable_kvlock", "set_plan", "get_plan", "is_kvlock_enabled", "check_attention",
+           "ATTENTION_PATHS"]
 
 ATTENTION_PATHS = ("diffusers", "fused")
 _INSTALL_ATTR = "_kvlock_install"
@@ -63,7 +66,6 @@ class _PreForward:
 
     def __call__(self, module, args, kwargs):
         install = self.install
-        _check_processors(install)
         hidden_states = install.adapter.hidden_states_of(args, kwargs)
         if install.provider is not None:
             grid = install.adapter.video_grid(module, hidden_states)
@@ -73,6 +75,8 @@ class _PreForward:
             if not isinstance(plan, KVLockPlan):
                 raise TypeError(f"the KV-Lock plan provider must return a KVLockPlan, got {describe(plan)}")
             install.plan = plan
+        # After the provider: a replaced processor is refused under the plan of THIS call.
+        _check_processors(install)
         _check_call(module, install, hidden_states)
         return None
 
@@ -128,9 +132,12 @@ def _check_call(transformer, install: _Install, hidden_states) -> None:
     check_servable(cp, family=adapter.family, supports_cp=adapter.supports_context_parallel,
                    attention=install.attention, processor_backend=getattr(first, "_attention_backend", None),
                    heads=install.heads)
+    if plan.uses_cache and torch.compiler.is_compiling():
+        raise RuntimeError(
+            "KV-Lock's capture and cache modes write / read the host-side KVRingBuffer, which torch.compile cannot "
+            "put in a graph: compile without fullgraph=True (the ring-buffer calls then run eagerly between "
+            "graphs), or lock toward an in-batch source branch (KVLockPlan.branch, KVLockEditor(source='branch'))")
     if plan.mode == "capture":
-        if plan.cache.compact:
-            raise ValueError("KV-Lock captures full (k, v) entries: use a KVRingBuffer without compact=True")
         return
     tokens = adapter.num_video_tokens(transformer, hidden_states)
     if plan.num_tokens != tokens:
@@ -140,14 +147,7 @@ def _check_call(transformer, install: _Install, hidden_states) -> None:
             f"(token grid (T, H, W) = {grid} for latents {tuple(adapter.latent_dims(hidden_states))} and patch "
             f"{adapter.patch_size(transformer)}): build the token mask at the model's latent size "
             "(masks.latent_mask_to_tokens with the transformer's patch size)")
-    if plan.source == "branch" and hidden_states.shape[0] != plan.batch_size:
-        raise ValueError(
-            f"KV-Lock plan locks toward the source branch at batch entry {SOURCE_INDEX} of a batch of "
-            f"{plan.batch_size}, but this call's batch is {hidden_states.shape[0]}: it was not built with a source "
-            "branch there (a stock pipeline's batch is [uncond, cond] or a single branch). Use KVLockEditor, or "
-            "KVLockPlan.cached with captured source K/V")
-    if plan.source == "cache" and plan.cache.compact:
-        raise ValueError("KV-Lock reads full (k, v) entries: use a KVRingBuffer without compact=True")
+    plan.check_batch(int(hidden_states.shape[0]))
 
 
 class _ModuleRef:
@@ -162,19 +162,24 @@ class _ModuleRef:
 
 def _dispatch_module(adapter) -> _ModuleRef:
     """The module whose ``dispatch_attention_fn`` the family's stock processor calls."""
-    from diffusers.models import attention_dispatch
-
-    from .processors import ORIGINAL_DISPATCH
-
-    module = None if adapter.dispatch_module is None else importlib.import_module(adapter.dispatch_module)
-    if ORIGINAL_DISPATCH[0] is None:
-        source = getattr(module, "dispatch_attention_fn", None) if module is not None else None
-        ORIGINAL_DISPATCH[0] = source or attention_dispatch.dispatch_attention_fn
-    return _ModuleRef(module)
+    return _ModuleRef(None if adapter.dispatch_module is None else importlib.import_module(adapter.dispatch_module))
 
 
-def enable_kvlock(transformer, plan=None, *, attention: str = "diffusers", kernel_backend: str = "auto",
-                  epilogue_backend: str = "auto") -> None:
+def check_attention(adapter, attention) -> None:
+    """``attention`` is one of ATTENTION_PATHS and serves the adapter's family."""
+    check_choice("attention", attention, ATTENTION_PATHS)
+    if attention == "fused" and adapter.model_attention_mask:
+        raise ValueError(f"{adapter.family} passes its own attention mask (text padding) to every locked layer and "
+                         "the fused kernel takes no mask: use attention='diffusers'")
+
+
+def _check_plan_like(plan) -> None:
+    if not isinstance(plan, KVLockPlan) and not callable(plan):
+        raise TypeError(f"plan must be a KVLockPlan or a callable returning one, got {describe(plan)}")
+
+
+def enable_kvlock(transformer, plan: Optional[PlanLike] = None, *, attention: str = "diffusers",
+                  kernel_backend: str = "auto", epilogue_backend: str = "auto") -> None:
     """Install KV-Lock processors on every self-attention module of ``transformer``.
 
     Arguments:
@@ -192,12 +197,11 @@ def enable_kvlock(transformer, plan=None, *, attention: str = "diffusers", kerne
     """
     transformer = _unwrap(transformer)
     adapter = adapter_for(transformer)
-    check_choice("attention", attention, ATTENTION_PATHS)
+    check_attention(adapter, attention)
     check_choice("kernel_backend", kernel_backend, ("auto", "triton", "torch"))
     check_choice("epilogue_backend", epilogue_backend, ("auto", "triton", "torch"))
-    if attention == "fused" and adapter.model_attention_mask:
-        raise ValueError(f"{adapter.family} passes its own attention mask (text padding) to every locked layer and "
-                         "the fused kernel takes no mask: use attention='diffusers'")
+    if plan is not None:
+        _check_plan_like(plan)  # before anything is installed
     old = _get(transformer)
     modules = adapter.attention_modules(transformer)
     install = _Install(adapter, modules, attention, kernel_backend, epilogue_backend)
@@ -218,20 +222,19 @@ def enable_kvlock(transformer, plan=None, *, attention: str = "diffusers", kerne
         set_plan(transformer, plan)
 
 
-def set_plan(transformer, plan) -> None:
+def set_plan(transformer, plan: PlanLike) -> None:
     """Hand ``transformer``'s KV-Lock processors the plan for the next calls (a
     ``KVLockPlan``), or a plan provider called before every forward."""
     install = _get(transformer)
     if install is None:
         raise RuntimeError("KV-Lock is not enabled on this transformer: call enable_kvlock(transformer) first")
+    _check_plan_like(plan)
     if isinstance(plan, KVLockPlan):
         install.provider = None
         install.plan = plan
-    elif callable(plan):
+    else:
         install.provider = plan
         install.plan = KVLockPlan.off()
-    else:
-        raise TypeError(f"plan must be a KVLockPlan or a callable returning one, got {describe(plan)}")
 
 
 def get_plan(transformer) -> KVLockPlan:

@@ -65,6 +65,9 @@ def _check_cache(cache):
 
     if not isinstance(cache, KVRingBuffer):
         raise TypeError(f"cache must be a kvlock_kernels.KVRingBuffer, got {describe(cache)}")
+    if cache.compact:
+        raise ValueError("cache must store full (k, v) entries (KV-Lock captures and reads every video token): "
+                         "use a KVRingBuffer without compact=True")
 
 
 @dataclass(frozen=True, eq=False)
@@ -166,14 +169,24 @@ class KVLockPlan:
 
     # ------------------------------------------------------------------ helpers
     @property
-    def source_index(self) -> int:
-        """Batch entry of the source branch (``SOURCE_INDEX``)."""
-        return SOURCE_INDEX
-
-    @property
     def num_tokens(self) -> Optional[int]:
         """L, the number of video tokens the lock weights cover (None without a lock)."""
         return None if self.lock is None else self.lock.shape[-1]
+
+    @property
+    def uses_cache(self) -> bool:
+        """The plan writes (capture) or reads (cache source) the host-side ring buffer."""
+        return self.mode == "capture" or (self.mode == "lock" and self.source == "cache")
+
+    def check_batch(self, batch: int, where: str = "this call") -> None:
+        """ValueError unless a branch-source lock plan serves a batch of ``batch``."""
+        if self.mode == "lock" and self.source == "branch" and batch != self.batch_size:
+            raise ValueError(
+                f"KV-Lock plan locks toward the source branch at batch entry {SOURCE_INDEX} of a batch of "
+                f"{self.batch_size}, but {where}'s batch is {batch}: it was not built with a source branch there "
+                "(a stock pipeline's batch is [uncond, cond] or a single branch). Use KVLockEditor, a plan built "
+                "for this batch (a plan provider gets each call's batch), or KVLockPlan.cached with captured source "
+                "K/V")
 
     def replace(self, **changes) -> "KVLockPlan":
         """A copy with some fields changed (checked again)."""
@@ -186,7 +199,9 @@ def _weights(token_mask, alpha, check_inputs) -> torch.Tensor:
         raise TypeError(f"token_mask must be a torch.Tensor (L,) (e.g. torch.from_numpy(mask)), "
                         f"got {describe(token_mask)}")
     if token_mask.dim() != 1:
-        raise ValueError(f"token_mask must be (L,): one value per video token, got shape {tuple(token_mask.shape)}")
+        raise ValueError(f"token_mask must be (L,): one value per video token, got shape {tuple(token_mask.shape)} "
+                         "(a latent (F, H, W) mask becomes one with masks.latent_mask_to_tokens(mask, patch) and "
+                         "the patch of adapter_for(transformer).patch_size(transformer))")
     if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
         alpha = float(alpha)
     return lock_weights(token_mask, alpha, check_inputs=check_inputs)

@@ -85,20 +85,21 @@ def epilogue(q, k, v, *, heads: int, norm_q: NormSpec, norm_k: NormSpec, rope: s
 
 def _dispatch_fn(family_module):
     """diffusers' ``dispatch_attention_fn``, looked up where the stock processor looks it up
-    (its model module's global), or in ``attention_dispatch`` when that is where a caller
-    replaced it (a wrapper, a spy).  ``family_module``: the module object or None."""
+    (its model module's global, when something replaced it there), else
+    ``attention_dispatch``'s attribute (which a caller may have wrapped).
+    ``family_module``: the module object or None."""
     from diffusers.models import attention_dispatch
 
-    current = attention_dispatch.dispatch_attention_fn
-    if family_module is None:
-        return current
-    fn = getattr(family_module, "dispatch_attention_fn", None)
-    return current if fn is None or fn is ORIGINAL_DISPATCH[0] else fn
+    fn = None if family_module is None else getattr(family_module, "dispatch_attention_fn", None)
+    if fn is None or _is_diffusers_dispatch(fn, attention_dispatch):
+        return attention_dispatch.dispatch_attention_fn
+    return fn
 
 
-# diffusers' own function, recorded when KV-Lock is installed: a family module's global
-# that is still this one defers to attention_dispatch's (possibly wrapped) attribute.
-ORIGINAL_DISPATCH = [None]
+def _is_diffusers_dispatch(fn, attention_dispatch) -> bool:
+    """``fn`` is diffusers' own function (the module global every family imports), not a wrapper."""
+    return (getattr(fn, "__module__", None) == attention_dispatch.__name__
+            and getattr(fn, "__name__", None) == "dispatch_attention_fn" and not hasattr(fn, "__wrapped__"))
 
 
 class KVLockProcessor:
@@ -168,17 +169,9 @@ class KVLockProcessor:
         if lock.shape[1] != num_video:
             lock = parallel.shard_tokens(lock, 1, cp, name="lock weights", expected=num_video, layer=self.layer)
         if plan.source == "branch":
-            if batch != plan.batch_size:
-                raise ValueError(
-                    f"KV-Lock plan locks toward the source branch at batch entry {SOURCE_INDEX} of a batch of "
-                    f"{plan.batch_size}, but layer {self.layer} got a batch of {batch}: this call was not built with "
-                    "a source branch (a stock pipeline's batch is [uncond, cond], entry 0 is no source). Use "
-                    "KVLockEditor, or KVLockPlan.cached with captured source K/V")
+            plan.check_batch(batch, where="this attention call")  # (no self.layer read: compile guards)
             return lock, None, None, SOURCE_INDEX
-        entry = plan.cache.get((plan.step, self.layer))
-        if len(entry) != 2:
-            raise ValueError("KV-Lock reads full (k, v) entries: use a KVRingBuffer without compact=True")
-        k_src, v_src = entry
+        k_src, v_src = plan.cache.get((plan.step, self.layer))  # a plan's cache is never compact
         if k_src.shape[0] != num_video:
             k_src = parallel.shard_tokens(k_src, 0, cp, name="cached source K", expected=num_video, layer=self.layer)
             v_src = parallel.shard_tokens(v_src, 0, cp, name="cached source V", expected=num_video, layer=self.layer)
@@ -191,13 +184,12 @@ class KVLockProcessor:
             plan.cache.discard((plan.step, self.layer))
 
     # ------------------------------------------------------------------ attention
-    def attend(self, q, k, v, attention_mask=None, *, video_start: int = 0, video_len: Optional[int] = None,
-               parallel_config="module"):
+    def attend(self, q, k, v, attention_mask=None, *, video_start: int = 0, video_len: Optional[int] = None):
         """Attention of (B, S, H, D) q, K', V' exactly as the stock processor calls it:
         ``dispatch_attention_fn`` with the module's backend and parallel config; or
         KV-Lock's fused kernel.  [video_start, video_start + video_len) are the video
         tokens (the locked ones) inside the sequence."""
-        pc = self._parallel_config if parallel_config == "module" else parallel_config
+        pc = self._parallel_config
         if self._install.attention == "diffusers":
             dispatch = _dispatch_fn(self._install.dispatch_module.module)
             return dispatch(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,

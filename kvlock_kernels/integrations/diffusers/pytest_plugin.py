@@ -69,23 +69,17 @@ def install_on_model_classes(mode: str = "lock", alpha: float = 1.0, attention: 
                 continue
             original = cls.__init__
 
+            # The fused kernel takes no mask: families that pass their own keep diffusers' path.
+            use = "diffusers" if adapter.model_attention_mask else attention
+
             @functools.wraps(original)
-            def __init__(self, *args, __original=original, __cls=cls, **kwargs):
+            def __init__(self, *args, __original=original, __cls=cls, __use=use, **kwargs):
                 __original(self, *args, **kwargs)
                 if type(self) is __cls:  # subclasses of other families choose their own adapter
-                    use = attention
-                    if attention == "fused" and getattr(adapter_of(self), "model_attention_mask", False):
-                        use = "diffusers"  # the fused kernel takes no mask; such families keep diffusers' path
-                    enable_kvlock(self, provider, attention=use)
+                    enable_kvlock(self, provider, attention=__use)
 
             _PATCHED[cls] = original
             cls.__init__ = __init__
-
-
-def adapter_of(model):
-    from .adapters import adapter_for
-
-    return adapter_for(model)
 
 
 def uninstall() -> None:

@@ -33,6 +33,7 @@ def adapter_for(transformer) -> ModelAdapter:
         import diffusers  # noqa: F401
     except ImportError as e:  # pragma: no cover - exercised only without the extra
         raise ImportError("kvlock_kernels.diffusers needs diffusers: pip install -e .[diffusers]") from e
+    transformer = getattr(transformer, "_orig_mod", transformer)  # behind a torch.compile wrapper
     for adapter in adapters():
         if adapter.matches(transformer):
             return adapter

@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 import math
 from abc import ABC, abstractmethod
-from typing import Optional
 
 import torch
 
@@ -160,7 +159,3 @@ def _batched(kwargs: dict, batch: int, dtype) -> dict:
 def _load(path: str):
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
-
-
-def text_len(encoder_hidden_states: Optional[torch.Tensor]) -> int:
-    return 0 if encoder_hidden_states is None else int(encoder_hidden_states.shape[1])

@@ -56,8 +56,7 @@ class KVLockCogVideoXAttnProcessor(KVLockProcessor):
                                          norm_k=nk, rope="interleaved" if image_rotary_emb is not None else "none",
                                          cos=cos, sin=sin)
         query, key, value = (torch.cat(pair, dim=1) for pair in ((tq, vq), (tk, vk), (tv, vv)))
-        out = self.attend(query, key, value, attention_mask, video_start=text, video_len=S - text,
-                          parallel_config=self._parallel_config)
+        out = self.attend(query, key, value, attention_mask, video_start=text, video_len=S - text)
         out = out.reshape(B, -1, heads * head_dim).type_as(query)
         out = attn.to_out[1](attn.to_out[0](out))
         encoder_hidden_states, hidden_states = out.split([text, S - text], dim=1)
