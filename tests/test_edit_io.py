@@ -137,6 +137,10 @@ def test_box_and_dilation():
         box_mask((100, 100, 120, 120), 1, 16, 16)
     d = dilate_mask(box_mask((5, 5, 6, 6), 1, 12, 12), 2)
     assert int(d.sum()) == 25 and bool(d[0, 3, 3]) and not bool(d[0, 2, 2])
+    # a box only in the border the geometry rule crops away (40x56 -> 34x48 -> rows 1-32): empty, and it says why
+    video, _ = synthetic_clip(9, 40, 56)
+    _, mask, _, _, notes = prepare_inputs(video, None, ModelConstraints(), box="0,0,56,1")
+    assert not mask.any() and any("cut away" in n for n in notes)
 
 
 def test_mask_matching_to_the_video():

@@ -19,12 +19,19 @@ from .errors import EditInputError, KVLockEditWarning, UnsupportedModelError
 from .geometry import FitPlan, ModelConstraints, plan_fit
 from .masks_io import MASK_THRESHOLD, binarize_mask, box_mask, dilate_mask, read_mask
 from .metrics import fidelity, masked_psnr, masked_ssim
-from .pipeline import EditResult, KVLockVideoEditor, check_flow_matching, check_pipeline, prepare_inputs
+from .pipeline import (
+    EditResult,
+    KVLockVideoEditor,
+    check_flow_matching,
+    check_pipeline,
+    check_scheduler_config,
+    prepare_inputs,
+)
 from .video_io import Video, read_video, write_video
 
 __all__ = [
     "EditInputError", "EditResult", "FitPlan", "KVLockEditWarning", "KVLockVideoEditor", "MASK_THRESHOLD",
     "ModelConstraints", "UnsupportedModelError", "Video", "binarize_mask", "box_mask", "check_flow_matching",
-    "check_pipeline", "dilate_mask", "fidelity", "masked_psnr", "masked_ssim", "plan_fit", "prepare_inputs",
-    "read_mask", "read_video", "write_video",
+    "check_pipeline", "check_scheduler_config", "dilate_mask", "fidelity", "masked_psnr", "masked_ssim", "plan_fit",
+    "prepare_inputs", "read_mask", "read_video", "write_video",
 ]

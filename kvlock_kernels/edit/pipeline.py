@@ -356,8 +356,10 @@ def prepare_inputs(video, mask=None, constraints: Optional[ModelConstraints] = N
             raw = mask_from_array(mask, notes=notes)
         pixel = fit_mask_to_video(raw, plan.frames, sh, sw, video_frames=nf, notes=notes)
     source = plan.apply_video(vid.frames)
-    pixel = dilate_mask(plan.apply_mask(pixel), dilate)
-    return source, pixel, plan, vid.fps, notes
+    fitted = plan.apply_mask(pixel)
+    if not bool(fitted.any()) and bool(pixel.any()):
+        notes.append("the mask's foreground lies only in the frames or the border that the geometry rule cut away")
+    return source, dilate_mask(fitted, dilate), plan, vid.fps, notes
 
 
 # ----------------------------------------------------------------------------------------
@@ -623,6 +625,9 @@ class KVLockVideoEditor:
             elif not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
                 raise EditInputError("generator must be a CPU torch.Generator (the editor draws its noise on the CPU "
                                      "so that a seed gives the same edit on every device); or pass seed=")
+        # pipe.scheduler may have been replaced since from_pipe: check the copy this edit runs, before encoding
+        scheduler = self._scheduler_copy()
+        scheduler_config = _check_scheduler(scheduler, self.model_info["prediction"])
         schedule = {k: getattr(kv_lock, k, None) for k in ("num_steps", "kappa", "window", "tau", "omega0", "b",
                                                            "alpha_pre", "omega_lower")}
         schedule["activates"] = bool(kv_lock.can_activate)
@@ -645,11 +650,10 @@ class KVLockVideoEditor:
                                f"mask {tuple(latent_mask.shape)} (kvlock_kernels.masks.pixel_mask_to_latent must "
                                "group frames as the VAE does)")
         model = dict(self.model_info, dtype=str(self.transformer_dtype).replace("torch.", ""), device=str(device),
-                     source=self.source, backend=self.backend)
+                     source=self.source, backend=self.backend, scheduler=type(scheduler).__name__,
+                     scheduler_config=scheduler_config)
 
         with timer.phase("edit"):
-            scheduler = self._scheduler_copy()
-            model["scheduler_config"] = _check_scheduler(scheduler, self.model_info["prediction"])
             editor = self._make_editor(scheduler, kv_lock)
             kw = {"generator": generator}
             if src is not None:
