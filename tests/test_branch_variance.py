@@ -164,6 +164,7 @@ def test_strided_inputs(backend):
     me = (torch.rand(1, 9) > 0.3).expand(4, 9)
     var_map, mean = branch_variance(xe, mask=me, backend=backend)
     ref_map, ref_mean = torch_formula(xe.contiguous(), me.contiguous(), 1)
+    torch.testing.assert_close(var_map.double(), ref_map, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-6)
 
 
@@ -198,3 +199,15 @@ def test_backends_agree_on_odd_masks():
 def test_bad_input(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):
         branch_variance(**kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_matches_the_reference(backend):
+    x = torch.randn(3, 2, 4, 5)
+    mask = torch.rand(2, 5) > 0.4
+    got, want = x.clone().requires_grad_(), x.clone().requires_grad_()
+    gv, gm = torch.randn(2, 5), torch.randn(2)
+    torch.autograd.backward(branch_variance(got, mask=mask, backend=backend), [gv, gm])
+    torch.autograd.backward(reference.branch_variance(want, mask=mask), [gv, gm])
+    assert got.grad.abs().sum() > 0
+    torch.testing.assert_close(got.grad, want.grad)

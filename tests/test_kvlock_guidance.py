@@ -179,3 +179,51 @@ def test_bad_input(kwargs, exc, msg):
     args.update(kwargs)
     with pytest.raises(exc, match=msg):
         kvlock_guidance(args.pop("v_cond"), args.pop("v_uncond"), args.pop("omega"), **args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_matches_the_reference(backend):
+    """Gradients reach v_cond, v_uncond, latents and the tensor controls."""
+    leaves = [torch.randn(2, 6), torch.randn(2, 6), torch.randn(2, 6), torch.rand(2) * 5, torch.rand(2),
+              torch.rand(2)]
+    got = [t.clone().requires_grad_() for t in leaves]
+    want = [t.clone().requires_grad_() for t in leaves]
+    gg, gx = torch.randn(2, 6), torch.randn(2, 6)
+    vc, vu, lat, om, s, sg = got
+    torch.autograd.backward(kvlock_guidance(vc, vu, om, s_star=s, latents=lat, sigma=sg, backend=backend), [gg, gx])
+    vc, vu, lat, om, s, sg = want
+    torch.autograd.backward(reference.kvlock_guidance(vc, vu, om, s_star=s, latents=lat, sigma=sg), [gg, gx])
+    for a, b in zip(got, want):
+        assert a.grad.abs().sum() > 0
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_samples_past_int32_offsets_take_the_pytorch_path(monkeypatch):
+    """Offsets inside one sample are int32 in the kernels of guidance, s* and variance:
+    a sample of 2**31 elements or more must not reach them (here the limit is lowered and
+    the kernels are replaced by ones that fail if launched)."""
+    import importlib
+
+    from kvlock_kernels import branch_variance
+
+    # (importlib: the package attributes of these names are the functions, not the modules)
+    bv_mod, cfg_mod, g_mod = (importlib.import_module(f"kvlock_kernels.control.{m}")
+                              for m in ("branch_variance", "cfg_zero_star_scale", "kvlock_guidance"))
+
+    class _Refuse:
+        def __getitem__(self, grid):
+            raise AssertionError("the Triton kernel was launched past its int32 offset limit")
+
+    for mod, name in ((g_mod, "_guidance_kernel"), (cfg_mod, "_dot_and_norm_kernel"),
+                      (bv_mod, "_branch_variance_kernel")):
+        monkeypatch.setattr(mod, "_INT32_MAX", 1024 + 99)
+        monkeypatch.setattr(mod, name, _Refuse())
+    vc, vu, lat = torch.randn(2, 100), torch.randn(2, 100), torch.randn(2, 100)
+    g, x0 = kvlock_guidance(vc, vu, 3.0, latents=lat, sigma=0.5, backend="triton")
+    rg, rx0 = reference.kvlock_guidance(vc, vu, 3.0, latents=lat, sigma=0.5)
+    assert torch.equal(g, rg) and torch.equal(x0, rx0)
+    assert torch.equal(cfg_zero_star_scale(vc, vu, backend="triton"), reference.cfg_zero_star_scale(vc, vu))
+    x = torch.randn(3, 2, 4, 100)
+    assert torch.equal(branch_variance(x, backend="triton")[1], reference.branch_variance(x)[1])
+    with pytest.raises(AssertionError, match="int32 offset limit"):  # below the limit the kernel runs
+        kvlock_guidance(vc[:, :99], vu[:, :99], 3.0, backend="triton")

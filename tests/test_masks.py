@@ -129,6 +129,8 @@ def test_rgb_masks_are_refused_clearly():
         pixel_mask_to_latent(torch.zeros(17, 64, 64, 4))
     with pytest.raises(ValueError, match="channel dimension"):
         pixel_mask_to_latent(torch.zeros(1, 17, 64, 64, 3))
+    with pytest.raises(ValueError, match="channel dimension"):  # one RGB image (H, W, 3)
+        pixel_mask_to_latent(torch.zeros(64, 48, 3, dtype=torch.uint8))
     # The documented reduction works.
     assert pixel_mask_to_latent(rgb.amax(-1)).shape == (5, 8, 8)
 

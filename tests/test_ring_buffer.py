@@ -209,6 +209,13 @@ def test_clear():
     (lambda b: b.prefetch([(0, 0), (1, 0.5)]), TypeError, r"key must be a \(step, layer\) tuple"),
     (lambda b: b.pop((9, 0)), KeyError, r"key \(9, 0\) is not in the ring buffer"),
     (lambda b: b.discard((9, 0)), KeyError, r"key \(9, 0\) is not in the ring buffer"),
+    # Layouts the slots cannot take used to fail inside copy_ after the table had changed.
+    (lambda b: b.put((9, 0), kv(0)[0].to_sparse(), kv(0)[1]), TypeError, "k must be a dense"),
+    (lambda b: b.put((0, 0), kv(0)[0], kv(0)[1].to_sparse()), TypeError, "v must be a dense"),
+    (lambda b: b.get((0, 0), copy="no"), TypeError, "copy must be a bool"),
+    (lambda b: b.prefetch((0, 0)), TypeError, r"got the single key \(0, 0\): use prefetch\(\[key\]\)"),
+    (lambda b: b.prefetch(None), TypeError, r"keys must be an iterable of \(step, layer\) keys, got None"),
+    (lambda b: b.prefetch(3), TypeError, "keys must be an iterable"),
 ])
 def test_bad_input_leaves_table_intact(call, exc, msg):
     buf = KVRingBuffer(2, SLOT, torch.bfloat16, "cpu", host_spill=True)
@@ -228,6 +235,8 @@ def test_bad_input_leaves_table_intact(call, exc, msg):
     (torch.tensor([0.0, 1.0]), TypeError, "rows must be an int64 or int32 index tensor"),
     (torch.zeros(2, 2, dtype=torch.long), ValueError, "rows must be 1-D"),
     (torch.zeros(38, dtype=torch.long), ValueError, "rows must select at most 37 rows"),
+    (torch.tensor([0, 1], device="meta"), ValueError, "rows must be on cpu or the slot device"),
+    (torch.tensor([0, 1]).to_sparse(), TypeError, "rows must be a dense"),
 ])
 def test_bad_rows_leave_table_intact(rows, exc, msg):
     buf = KVRingBuffer(2, SLOT, torch.bfloat16, "cpu", host_spill=True, compact=True)
@@ -241,14 +250,38 @@ def test_bad_rows_leave_table_intact(rows, exc, msg):
 
 @pytest.mark.parametrize("kwargs, exc, msg", [
     (dict(capacity=0), ValueError, "capacity must be an int >= 1"),
-    (dict(slot_shape=(4, 0)), ValueError, "slot_shape must be"),
+    (dict(capacity=1.5), TypeError, "capacity must be an int, got float"),
+    (dict(capacity=True), TypeError, "capacity must be an int, got bool"),
+    (dict(capacity=2 ** 63), ValueError, r"capacity \* prod\(slot_shape\) must fit in int64"),
+    (dict(slot_shape=(4, 0)), ValueError, r"slot_shape\[1\] must be an int >= 1"),
+    (dict(slot_shape=()), ValueError, "slot_shape must have at least one dimension"),
+    (dict(slot_shape=(4, 3.0)), TypeError, r"slot_shape\[1\] must be an int, got float"),
+    (dict(slot_shape=4), TypeError, "slot_shape must be a sequence of ints, got int"),
+    (dict(slot_shape="43"), TypeError, "slot_shape must be a sequence of ints, got str"),
+    (dict(slot_shape=(2 ** 62, 2 ** 62)), ValueError, "must fit in int64"),
     (dict(dtype="bf16"), TypeError, "dtype must be a torch.dtype"),
+    (dict(device="nonsense"), ValueError, "device must name a cpu or cuda device"),
+    (dict(device="meta"), ValueError, "device must be cpu or cuda, got meta"),
+    (dict(device=None), TypeError, "device must be a torch.device or a string"),
+    (dict(device=1.5), TypeError, "device must be a torch.device or a string"),
+    pytest.param(dict(device="cuda"), ValueError, "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
+    (dict(host_spill=1), TypeError, "host_spill must be a bool"),
+    (dict(compact="yes"), TypeError, "compact must be a bool"),
 ])
 def test_bad_construction(kwargs, exc, msg):
     args = dict(capacity=2, slot_shape=SLOT, dtype=torch.bfloat16, device="cpu")
     args.update(kwargs)
     with pytest.raises(exc, match=msg):
         KVRingBuffer(**args)
+
+
+def test_cpu_device_with_an_index_is_the_cpu():
+    """CPU tensors carry no index: a buffer built with "cpu:0" takes ordinary CPU tensors."""
+    buf = KVRingBuffer(1, (4,), torch.float32, "cpu:0")
+    assert buf.device == torch.device("cpu")
+    buf.put((0, 0), *_filled(2))
+    assert torch.equal(buf.get((0, 0))[0], _filled(2)[0])
 
 
 @pytest.fixture

@@ -110,6 +110,8 @@ def test_one_step_compiles_fullgraph():
 @pytest.mark.parametrize("kwargs, exc, msg", [
     (dict(num_steps=10, window=1, kappa=5), ValueError, "window must be an int >= 2"),
     (dict(num_steps=10, kappa=11), ValueError, "kappa must be <= num_steps"),
+    # The defaults are SPEC's 50-step values: the message says how to scale them.
+    (dict(num_steps=10), ValueError, r"kappa must be <= num_steps \(10\), got 20 .*for_steps\(10\)"),
     (dict(num_steps=0), ValueError, "num_steps must be an int >= 1"),
     (dict(num_steps=10.0), TypeError, "num_steps must be an int"),
     (dict(num_steps=10, kappa=5.0), TypeError, "kappa must be an int"),
@@ -122,6 +124,8 @@ def test_one_step_compiles_fullgraph():
     (dict(num_steps=10, omega0=-1.0, kappa=5), ValueError, "omega0 must be >= 0"),
     (dict(num_steps=10, kappa=5, device=3.5), TypeError, "device must be"),
     (dict(num_steps=10, kappa=5, device="nonsense"), ValueError, "device must name a torch device"),
+    pytest.param(dict(num_steps=10, kappa=5, device="cuda"), ValueError, "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
 ])
 def test_bad_construction(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):

@@ -41,7 +41,7 @@ __all__ = ["merge_attention_states"]
 
 # (rows per program, num_warps) on GPUs: also what tools/gpu_report compiles.  8 warps:
 # with 4, head dim 72 (tiles padded to 128) needs 255 registers and spills on sm_90;
-# with 8 every head dim 64..256 and dtype stays at <= 124 registers, no spills.
+# with 8 every head dim 64..256 and dtype stays at <= 122 registers, no spills.
 LAUNCH_CONFIG = (32, 8)
 
 
@@ -51,15 +51,22 @@ def _merge_states_kernel(
     stride_ab, stride_as, stride_ah,
     stride_bb, stride_bs, stride_bh,
     stride_ob, stride_os, stride_oh,
-    num_heads, seqlen,
+    num_heads, seqlen, num_s_blocks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     # One program: BLOCK_S rows of one (batch, head).  lse tensors are (B, H, S) contiguous.
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # A 1-D grid (B * H * num_s_blocks programs): grid.y would cap B * H at 65535 on CUDA.
+    pid = tl.program_id(0)
+    pid_bh = pid // num_s_blocks
+    pid_s = pid % num_s_blocks
     off_b = (pid_bh // num_heads).to(tl.int64)
     off_h = pid_bh % num_heads
-    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    row0 = pid_s * BLOCK_S
+    offs_s = row0 + tl.arange(0, BLOCK_S)
+    # The block's first row in int64 (S x the token stride can pass 2**31), the offsets
+    # inside the tile in int32 (BLOCK_S rows).
+    rows = tl.arange(0, BLOCK_S)[:, None]
+    row0 = row0.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < seqlen
     tile_ok = s_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -86,14 +93,14 @@ def _merge_states_kernel(
     wa = wa * inv
     wb = wb * inv
 
-    a = tl.load(OA + off_b * stride_ab + off_h * stride_ah + offs_s[:, None] * stride_as + offs_d[None, :],
+    a = tl.load(OA + off_b * stride_ab + off_h * stride_ah + row0 * stride_as + (rows * stride_as + offs_d[None, :]),
                 mask=tile_ok, other=0.0).to(tl.float32)
-    b = tl.load(OB + off_b * stride_bb + off_h * stride_bh + offs_s[:, None] * stride_bs + offs_d[None, :],
+    b = tl.load(OB + off_b * stride_bb + off_h * stride_bh + row0 * stride_bs + (rows * stride_bs + offs_d[None, :]),
                 mask=tile_ok, other=0.0).to(tl.float32)
     # A partial of weight 0 is not read (its out may hold NaN/inf: an empty partial).
     out = (tl.where((wa > 0)[:, None], a * wa[:, None], 0.0) + tl.where((wb > 0)[:, None], b * wb[:, None], 0.0))
     out = tl.where(invalid[:, None], float("nan"), out)
-    tl.store(OUT + off_b * stride_ob + off_h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
+    tl.store(OUT + off_b * stride_ob + off_h * stride_oh + row0 * stride_os + (rows * stride_os + offs_d[None, :]),
              cast_for_store(out, OUT, INTERPRET), mask=tile_ok)
     tl.store(LOUT + lse_off, lse, mask=s_ok)
 
@@ -152,9 +159,9 @@ def _merge_op(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse
     a = a if a.stride(-1) == 1 else a.contiguous()
     b = b if b.stride(-1) == 1 else b.contiguous()
     block_s, warps = (64, 1) if triton_interpreting() else LAUNCH_CONFIG
-    grid = (triton.cdiv(S, block_s), B * H)
+    num_s_blocks = triton.cdiv(S, block_s)
     with device_guard(a.device):
-        _launch_merge(grid, a, lse_a, b, lse_b, out_v, lse, H, S, D, block_s, warps)
+        _launch_merge((B * H * num_s_blocks,), a, lse_a, b, lse_b, out_v, lse, H, S, num_s_blocks, D, block_s, warps)
     return out, lse
 
 
@@ -178,13 +185,13 @@ def _(out_a, lse_a, out_b, lse_b, layout, backend):
 register_recompute_backward(_merge_op, _torch_merge)
 
 
-def _launch_merge(grid, a, lse_a, b, lse_b, out_v, lse, H, S, D, block_s, warps):
+def _launch_merge(grid, a, lse_a, b, lse_b, out_v, lse, H, S, num_s_blocks, D, block_s, warps):
     _merge_states_kernel[grid](
         a, lse_a.contiguous(), b, lse_b.contiguous(), out_v, lse,
         a.stride(0), a.stride(1), a.stride(2),
         b.stride(0), b.stride(1), b.stride(2),
         out_v.stride(0), out_v.stride(1), out_v.stride(2),
-        H, S, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_S=block_s,
+        H, S, num_s_blocks, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_S=block_s,
         INTERPRET=triton_interpreting(), num_warps=warps,
     )
 

@@ -284,7 +284,8 @@ class KVRingBuffer:
         capacity: number of device slots (>= 1).
         slot_shape: shape of one K (and one V), e.g. (S, H, D) for one batch entry.
         dtype: element type of the slots.
-        device: where the slots live ("cuda", "cuda:1", "cpu").
+        device: where the slots live ("cuda", "cuda:1", "cpu"); an available cpu or cuda
+            device (ValueError otherwise).
         host_spill: keep evicted entries in host memory (pinned on CUDA) instead of
             dropping them; ``get`` brings them back.
         compact: store only selected token rows: ``put(key, k, v, rows=index)``; ``get``
@@ -327,9 +328,10 @@ class KVRingBuffer:
     def put(self, key, k: torch.Tensor, v: torch.Tensor, *, rows: Optional[torch.Tensor] = None) -> None:
         """Store a copy of k, v under key.
 
-        k, v: ``slot_shape``, the slot dtype and device (any strides).
-        rows (compact only): (n,) int64/int32 index of the token rows (dim 0) to keep,
-        n <= slot_shape[0], values in [0, slot_shape[0]); default: all rows."""
+        k, v: ``slot_shape``, the slot dtype and device (dense, any strides).
+        rows (compact only): (n,) int64/int32 index of the token rows (dim 0) to keep, on
+        the CPU or the slot device, n <= slot_shape[0], values in [0, slot_shape[0]);
+        default: all rows."""
         step, layer = _check_key(key)
         for name, t in (("k", k), ("v", v), ("rows", rows)):
             if (t is not None or name != "rows") and not isinstance(t, torch.Tensor):

@@ -23,6 +23,7 @@ Contract (both backends):
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -38,6 +39,8 @@ __all__ = ["branch_variance"]
 
 # (BLOCK positions per program, num_warps): also what tools/gpu_report compiles.
 LAUNCH_CONFIG = (1024, 4)
+# Positions inside one sample are int32 offsets in the kernel.
+_INT32_MAX = 2 ** 31 - 1
 
 
 @triton.jit
@@ -47,9 +50,11 @@ def _branch_variance_kernel(
     num_positions, num_channels, num_preds, inv_preds, inv_dof, inv_channels, num_blocks,
     HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    offs = pid_p * BLOCK + tl.arange(0, BLOCK)
+    # A 1-D grid (B * num_blocks programs): grid.y would cap B at 65535 on CUDA.
+    part = tl.program_id(0)
+    pid_b = part // num_blocks
+    pid_p = part % num_blocks
+    offs = pid_p * BLOCK + tl.arange(0, BLOCK)  # < 2**31: larger samples take the PyTorch path
     ok = offs < num_positions
 
     # Pointer increments keep every offset 64-bit (x can exceed 2**31 elements).
@@ -81,7 +86,6 @@ def _branch_variance_kernel(
         sel = ok & (m != 0)
     else:
         sel = ok
-    part = pid_b * num_blocks + pid_p
     tl.store(PART_SUM + part, tl.sum(tl.where(sel, var, 0.0), axis=0))
     tl.store(PART_CNT + part, tl.sum(sel.to(tl.float32), axis=0))
 
@@ -135,18 +139,16 @@ def branch_variance(x: torch.Tensor, *, mask: Optional[torch.Tensor] = None, cor
 @torch.library.custom_op("kvlock_kernels::branch_variance", mutates_args=())
 def _branch_variance_op(x: torch.Tensor, mask: Optional[torch.Tensor], correction: int,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if not use_triton(x.device, backend):
-        return _torch_branch_variance(x, mask, correction, backend)
     N, B, C = x.shape[:3]
     spatial = tuple(x.shape[3:])
-    P = 1
-    for s in spatial:
-        P *= s
+    P = math.prod(spatial)
+    block, warps = LAUNCH_CONFIG
+    if not use_triton(x.device, backend) or P + block > _INT32_MAX:
+        return _torch_branch_variance(x, mask, correction, backend)
     xv = x.reshape(N, B, C, P)
     if P > 0 and xv.stride(3) != 1:
         xv = xv.contiguous()
     var = torch.empty(B, P, dtype=torch.float32, device=x.device)
-    block, warps = LAUNCH_CONFIG
     num_blocks = max(1, triton.cdiv(P, block))
     part_sum = torch.zeros(B, num_blocks, dtype=torch.float32, device=x.device)
     part_cnt = torch.zeros(B, num_blocks, dtype=torch.float32, device=x.device)
@@ -159,7 +161,7 @@ def _branch_variance_op(x: torch.Tensor, mask: Optional[torch.Tensor], correctio
         mv, mask_stride_b = var, 0  # placeholder, never read (HAS_MASK is a constexpr)
     if P > 0 and B > 0:
         with device_guard(x.device):
-            _branch_variance_kernel[(num_blocks, B)](
+            _branch_variance_kernel[(B * num_blocks,)](
                 xv, mv, var, part_sum, part_cnt,
                 xv.stride(0), xv.stride(1), xv.stride(2), mask_stride_b,
                 P, C, N, 1.0 / N, 1.0 / (N - correction), 1.0 / C, num_blocks,

@@ -38,18 +38,22 @@ __all__ = ["cfg_zero_star_scale"]
 
 # (BLOCK elements per program, num_warps): also what tools/gpu_report compiles.
 LAUNCH_CONFIG = (4096, 8)
+# Offsets inside one sample are int32 in the kernel: larger samples take the PyTorch path.
+_INT32_MAX = 2 ** 31 - 1
 
 
 @triton.jit
 def _dot_and_norm_kernel(VC, VU, PART_DOT, PART_NORM, numel_per_sample, num_blocks, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    # A 1-D grid (B * num_blocks programs): grid.y would cap B at 65535 on CUDA (a 1-D
+    # input is B one-element samples).
+    part = tl.program_id(0)
+    b = (part // num_blocks).to(tl.int64)
+    offs = (part % num_blocks) * BLOCK + tl.arange(0, BLOCK)  # < 2**31: see _INT32_MAX
     ok = offs < numel_per_sample
     vc = tl.load(VC + b * numel_per_sample + offs, mask=ok, other=0.0).to(tl.float32)
     vu = tl.load(VU + b * numel_per_sample + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(PART_DOT + b * num_blocks + pid, tl.sum(vc * vu, axis=0))
-    tl.store(PART_NORM + b * num_blocks + pid, tl.sum(vu * vu, axis=0))
+    tl.store(PART_DOT + part, tl.sum(vc * vu, axis=0))
+    tl.store(PART_NORM + part, tl.sum(vu * vu, axis=0))
 
 
 def check_prediction_pair(v_cond, v_uncond):
@@ -83,18 +87,18 @@ def cfg_zero_star_scale(v_cond: torch.Tensor, v_uncond: torch.Tensor, eps: float
 
 @torch.library.custom_op("kvlock_kernels::cfg_zero_star_scale", mutates_args=())
 def _cfg_zero_star_op(v_cond: torch.Tensor, v_uncond: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
-    if not use_triton(v_cond.device, backend):
-        return _torch_cfg_zero_star(v_cond, v_uncond, eps, backend)
     B = v_cond.shape[0]
     L = math.prod(v_cond.shape[1:])
-    vc, vu = v_cond.reshape(B, L).contiguous(), v_uncond.reshape(B, L).contiguous()
     block, warps = LAUNCH_CONFIG
+    if not use_triton(v_cond.device, backend) or L + block > _INT32_MAX:
+        return _torch_cfg_zero_star(v_cond, v_uncond, eps, backend)
+    vc, vu = v_cond.reshape(B, L).contiguous(), v_uncond.reshape(B, L).contiguous()
     num_blocks = max(1, triton.cdiv(L, block))
     part_dot = torch.zeros(B, num_blocks, dtype=torch.float32, device=vc.device)
     part_norm = torch.zeros(B, num_blocks, dtype=torch.float32, device=vc.device)
     if L > 0 and B > 0:
         with device_guard(vc.device):
-            _dot_and_norm_kernel[(num_blocks, B)](vc, vu, part_dot, part_norm, L, num_blocks, BLOCK=block,
+            _dot_and_norm_kernel[(B * num_blocks,)](vc, vu, part_dot, part_norm, L, num_blocks, BLOCK=block,
                                                   num_warps=warps)
     return _finalise_scale(part_dot.sum(dim=1), part_norm.sum(dim=1), eps)
 

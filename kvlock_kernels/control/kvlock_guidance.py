@@ -21,6 +21,7 @@ Contract (both backends):
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -46,6 +47,8 @@ __all__ = ["kvlock_guidance"]
 
 # (BLOCK elements per program, num_warps): also what tools/gpu_report compiles.
 LAUNCH_CONFIG = (1024, 4)
+# Offsets inside one sample are int32 in the kernel: larger samples take the PyTorch path.
+_INT32_MAX = 2 ** 31 - 1
 
 
 @triton.jit
@@ -61,13 +64,15 @@ def _guidance_kernel(
     OMEGA_PTR, omega_value, stride_omega,
     S_PTR, stride_s,
     SIGMA_PTR, sigma_value, stride_sigma,
-    numel_per_sample,
+    numel_per_sample, num_blocks,
     OMEGA_IS_TENSOR: tl.constexpr, HAS_S: tl.constexpr, SIGMA_IS_TENSOR: tl.constexpr,
     WITH_X0: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
 ):
+    # A 1-D grid (B * num_blocks programs): grid.y would cap B at 65535 on CUDA (a 1-D
+    # input is B one-element samples).
     pid = tl.program_id(0)
-    b = tl.program_id(1)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    b = pid // num_blocks
+    offs = (pid % num_blocks) * BLOCK + tl.arange(0, BLOCK)  # < 2**31: see _INT32_MAX
     ok = offs < numel_per_sample
     base = b.to(tl.int64) * numel_per_sample
 
@@ -146,24 +151,25 @@ def _guidance_op(v_cond: torch.Tensor, v_uncond: torch.Tensor, omega_t: Optional
                  s_star: Optional[torch.Tensor], latents: Optional[torch.Tensor], sigma_t: Optional[torch.Tensor],
                  sigma_v: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (guided, x0_hat); x0_hat is an empty tensor without latents."""
-    if not use_triton(v_cond.device, backend):
+    B = v_cond.shape[0]
+    L = math.prod(v_cond.shape[1:])
+    block, warps = LAUNCH_CONFIG
+    if not use_triton(v_cond.device, backend) or L + block > _INT32_MAX:
         return _torch_guidance(v_cond, v_uncond, omega_t, omega_v, s_star, latents, sigma_t, sigma_v, backend)
     with_x0 = latents is not None
-    B = v_cond.shape[0]
     vc, vu = v_cond.contiguous(), v_uncond.contiguous()
     guided = torch.empty_like(vc)
-    L = vc[0].numel() if B else 0
     lat = latents.contiguous() if with_x0 else vc
     x0 = torch.empty_like(lat) if with_x0 else vc.new_empty(0)
-    block, warps = LAUNCH_CONFIG
-    if L > 0:
+    if L > 0 and B > 0:
+        num_blocks = triton.cdiv(L, block)
         with device_guard(vc.device):
-            _guidance_kernel[(triton.cdiv(L, block), B)](
+            _guidance_kernel[(B * num_blocks,)](
                 vc, vu, lat, guided, x0 if with_x0 else guided,
                 omega_t if omega_t is not None else vc, omega_v, _per_sample_stride(omega_t),
                 s_star if s_star is not None else vc, _per_sample_stride(s_star),
                 sigma_t if sigma_t is not None else vc, sigma_v, _per_sample_stride(sigma_t),
-                L,
+                L, num_blocks,
                 OMEGA_IS_TENSOR=omega_t is not None, HAS_S=s_star is not None, SIGMA_IS_TENSOR=sigma_t is not None,
                 WITH_X0=with_x0, BLOCK=block, INTERPRET=triton_interpreting(), num_warps=warps,
             )

@@ -205,7 +205,7 @@ def lock_weights(token_fg_mask: torch.Tensor, alpha, *, check_inputs: bool = Tru
         and lock_kv).
     """
     check_bool("check_inputs", check_inputs)
-    check_tensor("token_fg_mask", token_fg_mask, dtypes=MASK_DTYPES, ndim=(1, 2), layout="(L,) or (B, L)")
+    check_mask("token_fg_mask", token_fg_mask, ndim=(1, 2), layout="(L,) or (B, L)", check_values=check_inputs)
     if isinstance(alpha, torch.Tensor):
         if not alpha.is_floating_point():
             raise TypeError(f"alpha must be a Python number or a floating-point 0-dim tensor, got {describe(alpha)}")
@@ -213,7 +213,6 @@ def lock_weights(token_fg_mask: torch.Tensor, alpha, *, check_inputs: bool = Tru
             raise ValueError(f"alpha must be a Python number or a 0-dim tensor, got shape {tuple(alpha.shape)}")
         if alpha.device != token_fg_mask.device:
             raise ValueError(f"alpha must be on token_fg_mask's device {token_fg_mask.device}, got {alpha.device}")
-    check_mask("token_fg_mask", token_fg_mask, ndim=(1, 2), layout="(L,) or (B, L)", check_values=check_inputs)
     m = _as_float(token_fg_mask).to(torch.float32)
     if isinstance(alpha, torch.Tensor):
         if check_inputs and host_checks_allowed():
