@@ -378,3 +378,17 @@ def test_no_download_for_local_folders(models, monkeypatch):
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", spy)
     load_pipeline(models("wan21"), dtype="float32", vae_dtype="float32", device=torch.device("cpu"), quiet=True)
     assert seen["local_files_only"] is True
+
+
+def test_missing_extra_is_a_clear_error(monkeypatch, capsys, tmp_path):
+    """Without the [diffusers] extra, kvlock-edit says which modules are missing and how to
+    install them (exit 2), instead of a ModuleNotFoundError from deep inside an import."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("numpy", "imageio") else
+                        real(name, *a))
+    rc, _, err = _run(capsys, "--model", tmp_path, "--video", tmp_path / "v.mp4", "--box", "0,0,4,4",
+                      "--prompt", "x", "--out", tmp_path / "o.mp4")
+    assert rc == 2
+    assert "missing: numpy, imageio" in err and "pip install 'kvlock-kernels[diffusers]'" in err

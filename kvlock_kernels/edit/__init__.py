@@ -15,23 +15,27 @@ Modules: ``cli`` (the command), ``pipeline`` (the API), ``video_io`` (read / wri
 crop / trim rule), ``metrics`` (background PSNR / SSIM), ``outputs`` (comparison, plot,
 report).  Heavy dependencies (diffusers, transformers) are imported only when used.
 """
-from .errors import EditInputError, KVLockEditWarning, UnsupportedModelError
-from .geometry import FitPlan, ModelConstraints, plan_fit
-from .masks_io import MASK_THRESHOLD, binarize_mask, box_mask, dilate_mask, read_mask
-from .metrics import fidelity, masked_psnr, masked_ssim
-from .pipeline import (
-    EditResult,
-    KVLockVideoEditor,
-    check_flow_matching,
-    check_pipeline,
-    check_scheduler_config,
-    prepare_inputs,
-)
-from .video_io import Video, read_video, write_video
+import importlib
 
-__all__ = [
-    "EditInputError", "EditResult", "FitPlan", "KVLockEditWarning", "KVLockVideoEditor", "MASK_THRESHOLD",
-    "ModelConstraints", "UnsupportedModelError", "Video", "binarize_mask", "box_mask", "check_flow_matching",
-    "check_pipeline", "check_scheduler_config", "dilate_mask", "fidelity", "masked_psnr", "masked_ssim", "plan_fit",
-    "prepare_inputs", "read_mask", "read_video", "write_video",
-]
+from .errors import EditInputError, KVLockEditWarning, UnsupportedModelError
+
+# The rest is imported on first use (PEP 562), so that ``kvlock-edit`` can start, parse its
+# arguments and say which extra is missing before numpy, imageio or diffusers are imported.
+_LAZY = {
+    "FitPlan": "geometry", "ModelConstraints": "geometry", "plan_fit": "geometry",
+    "MASK_THRESHOLD": "masks_io", "binarize_mask": "masks_io", "box_mask": "masks_io", "dilate_mask": "masks_io",
+    "read_mask": "masks_io",
+    "fidelity": "metrics", "masked_psnr": "metrics", "masked_ssim": "metrics",
+    "EditResult": "pipeline", "KVLockVideoEditor": "pipeline", "check_flow_matching": "pipeline",
+    "check_pipeline": "pipeline", "check_scheduler_config": "pipeline", "prepare_inputs": "pipeline",
+    "Video": "video_io", "read_video": "video_io", "write_video": "video_io",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["EditInputError", "KVLockEditWarning", "UnsupportedModelError", *_LAZY]

@@ -349,9 +349,23 @@ class _Warnings:
         return False
 
 
+# What kvlock-edit imports beyond the core package: the [diffusers] extra.
+EXTRA_MODULES = ("numpy", "imageio", "imageio_ffmpeg", "diffusers", "transformers", "PIL", "matplotlib")
+
+
+def _check_extras() -> None:
+    import importlib.util
+
+    missing = [m for m in EXTRA_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EditInputError(f"kvlock-edit needs the diffusers extra (missing: {', '.join(missing)}): "
+                             "pip install 'kvlock-kernels[diffusers]'")
+
+
 def run(args) -> int:
     t_start = time.perf_counter()
     timings = {}
+    _check_extras()
     _check_args(args)
     import torch
 
