@@ -57,6 +57,27 @@ def test_off_and_zero_lock_equal_stock_bit_for_bit(models, family):
     assert torch.equal(run(model, inputs), stock)  # disable restores the stock processors
 
 
+@pytest.mark.parametrize("family", ["wan", "cogvideox", "hunyuan_video"])
+def test_bf16_model_equals_stock_bit_for_bit(family):
+    """model.to(bfloat16) casts Wan's RoPE tables too, and the stock processor then rotates in
+    bf16: KV-Lock off or at alpha 0 still gives the stock output bit for bit, and locks at alpha > 0."""
+    model = tiny_model(family).to(torch.bfloat16)
+    inputs = {k: (v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "timestep"
+                  else v) for k, v in tiny_inputs(family, 3).items()}
+    stock = run(model, inputs)
+    enable_kvlock(model)
+    try:
+        assert torch.equal(run(model, inputs), stock)
+        set_plan(model, KVLockPlan.branch(soft_mask(tiny_tokens(family)), torch.tensor(0.0), batch_size=3))
+        assert torch.equal(run(model, inputs), stock)
+        set_plan(model, KVLockPlan.branch(soft_mask(tiny_tokens(family)), 0.9, batch_size=3))
+        locked = run(model, inputs)
+    finally:
+        disable_kvlock(model)
+    assert torch.equal(locked[SOURCE_INDEX], stock[SOURCE_INDEX])
+    assert (locked[1:].float() - stock[1:].float()).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_full_lock_on_identical_source_equals_stock(models, family):
     """Weight 1 on every token toward a source identical to the targets changes nothing
@@ -315,6 +336,11 @@ def test_compiled_lock_mode_never_recompiles_across_steps(monkeypatch):
                 call = dict(inputs, timestep=torch.full((3,), 900.0 - 100 * step), encoder_hidden_states=text)
                 got = compiled(**call)[0]
                 torch.testing.assert_close(got, model(**call)[0], atol=1e-5, rtol=1e-5)
+    # The ring buffer (capture / cache source) cannot be in a graph: a clear refusal under fullgraph.
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", False)
+    set_plan(model, KVLockPlan.capture(KVRingBuffer(2, (TOKENS, 2, 24), torch.float32, "cpu"), 0))
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="capture and cache modes .* compile without fullgraph"):
+        compiled(**inputs)
     torch._dynamo.reset()
 
 
@@ -437,6 +463,10 @@ def test_plan_bad_values():
     enable_kvlock(m)
     with pytest.raises(TypeError, match="plan must be a KVLockPlan"):
         set_plan(m, "lock")
+    empty = KVRingBuffer(2, (tiny_tokens("cogvideox"), 2, 16), torch.float32, "cpu")
+    set_plan(m, KVLockPlan.cached(torch.zeros(tiny_tokens("cogvideox")), cache=empty, step=4))
+    with pytest.raises(ValueError, match=r"step 4 .* layers \[0, 1\] of this step were never captured"):
+        run(m, tiny_inputs("cogvideox", 2))
     compact = KVRingBuffer(2, (4, 2, 8), torch.float32, "cpu", compact=True)
     with pytest.raises(ValueError, match="without compact=True"):
         KVLockPlan.capture(compact, 0)

@@ -21,7 +21,15 @@ from diffusers import (  # noqa: E402
 
 from kvlock_kernels import KVLockScheduler  # noqa: E402
 from kvlock_kernels.control.cfg_zero_star_scale import cfg_zero_star_scale  # noqa: E402
-from kvlock_kernels.diffusers import SOURCE_INDEX, KVLockEditor, get_plan, is_kvlock_enabled  # noqa: E402
+from kvlock_kernels.diffusers import (  # noqa: E402
+    SOURCE_INDEX,
+    KVLockEditor,
+    KVLockPlan,
+    disable_kvlock,
+    enable_kvlock,
+    get_plan,
+    is_kvlock_enabled,
+)
 from kvlock_kernels.integrations.diffusers.testing import LATENT, tiny_model  # noqa: E402
 
 F, H, W = LATENT
@@ -260,6 +268,21 @@ def test_fused_kernel_edit_matches_the_dispatch_edit(source_mode):
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
 
 
+def test_compiled_transformer_edits_without_recompiling(monkeypatch):
+    """A torch.compile'd transformer (fullgraph) in the editor: new lock weights and alpha every
+    step, one graph, the eager edit's result."""
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()
+    model = tiny_model("wan")
+    pe, ne = embeds()
+    outs = [KVLockEditor(m, flow_sched(), backend="torch", progress=False).edit(
+        source(), fg_mask(), pe, ne, num_steps=3, generator=torch.Generator().manual_seed(1))[0]
+        for m in (torch.compile(model, fullgraph=True, backend="eager"), model)]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    assert not is_kvlock_enabled(model)
+    torch._dynamo.reset()
+
+
 def test_bf16_model_keeps_fp32_latents():
     model = tiny_model("wan").to(torch.bfloat16)
     pe, ne = embeds()
@@ -288,9 +311,13 @@ def test_short_runs_scale_the_schedule():
     editor = KVLockEditor(model, flow_sched(), backend="torch", progress=False)
     _, trace = editor.edit(source(), fg_mask(), pe, ne, num_steps=5)  # kappa 2, window 2: steps 3, 4 active
     assert [math.isnan(r["sigma2"]) for r in trace] == [True, True, True, False, False]
+    mine = KVLockPlan.branch(torch.zeros(F * H * W // 4), 0.5, batch_size=3)
+    enable_kvlock(model, mine, attention="fused")  # the caller's own install: put back after the edit
     with pytest.warns(UserWarning, match="needs at least 3 steps"):
         out, trace = editor.edit(source(), fg_mask(), pe, ne, num_steps=1)
     assert len(trace) == 1 and torch.isfinite(out).all()
+    assert get_plan(model) is mine and model.blocks[0].attn1.processor._install.attention == "fused"
+    disable_kvlock(model)
 
 
 # ---------------------------------------------------------------------------------- bad input

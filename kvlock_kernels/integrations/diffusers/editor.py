@@ -16,6 +16,7 @@ flow matching (Wan family, HunyuanVideo) or DDPM v-prediction (CogVideoX).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Optional
@@ -29,7 +30,7 @@ from ...control.kvlock_guidance import kvlock_guidance
 from ...control.masks import latent_mask_to_tokens
 from ...control.scheduler import KVLockScheduler
 from .adapters import adapter_for
-from .install import _unwrap, check_attention, disable_kvlock, enable_kvlock, is_kvlock_enabled, set_plan
+from .install import _unwrap, check_attention, installed, set_plan
 from .parallel import cp_degree
 from .plan import SOURCE_INDEX, KVLockPlan
 
@@ -364,16 +365,12 @@ class KVLockEditor:
         eps = torch.randn(source_latents.shape, generator=generator, device="cpu").to(device)
         latents = noise * getattr(sched, "init_noise_sigma", 1.0)
 
-        for model in self.experts:
-            enable_kvlock(model, attention=self.attention,
-                          kernel_backend=self.backend if self.attention == "fused" else "auto")
-        try:
+        with contextlib.ExitStack() as stack:  # a KV-Lock the caller had installed is put back after the edit
+            for model in self.experts:
+                stack.enter_context(installed(model, attention=self.attention,
+                                              kernel_backend=self.backend if self.attention == "fused" else "auto"))
             return self._run(source_latents, fg_mask, tokens, prompt_embeds, negative_prompt_embeds, src_embeds,
                              num_steps, timesteps, latents, eps, kv_lock, ctx, tqdm, branch_inputs)
-        finally:
-            for model in self.experts:
-                if is_kvlock_enabled(model):
-                    disable_kvlock(model)
 
     def _set_plan(self, plan: KVLockPlan) -> None:
         for model in self.experts:

@@ -20,6 +20,7 @@ settings made while KV-Lock was on are carried over to the restored processors.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import warnings
@@ -33,8 +34,8 @@ from .parallel import check_servable
 from .plan import KVLockCall, KVLockPlan, PlanLike
 from .processors import KVLockProcessor
 
-__all__ = ["enable_kvlock", "disable_kvlock", "set_plan", "get_plan", "is_kvlock_enabled", "check_attention",
-           "ATTENTION_PATHS"]
+__all__ = ["enable_kvlock", "disable_kvlock", "set_plan", "get_plan", "is_kvlock_enabled", "installed",
+           "check_attention", "ATTENTION_PATHS"]
 
 ATTENTION_PATHS = ("diffusers", "fused")
 _INSTALL_ATTR = "_kvlock_install"
@@ -139,6 +140,12 @@ def _check_call(transformer, install: _Install, hidden_states) -> None:
             "graphs), or lock toward an in-batch source branch (KVLockPlan.branch, KVLockEditor(source='branch'))")
     if plan.mode == "capture":
         return
+    if plan.source == "cache":
+        missing = [layer for layer in range(len(install.modules)) if (plan.step, layer) not in plan.cache]
+        if missing:
+            raise ValueError(f"KV-Lock plan reads the source K/V of step {plan.step} from its cache, but layers "
+                             f"{missing} of this step were never captured there (or were discarded / evicted "
+                             "without host_spill): capture them first with KVLockPlan.capture(cache, step)")
     tokens = adapter.num_video_tokens(transformer, hidden_states)
     if plan.num_tokens != tokens:
         grid = adapter.video_grid(transformer, hidden_states)
@@ -265,3 +272,20 @@ def disable_kvlock(transformer) -> None:
                     setattr(restored, name, current.__dict__[name])
             attn.processor = restored
     del transformer.__dict__[_INSTALL_ATTR]
+
+
+@contextlib.contextmanager
+def installed(transformer, **options):
+    """KV-Lock enabled with ``options`` (``enable_kvlock``'s) for the duration of the block;
+    afterwards disabled, or re-installed as it was before (options and plan) if the caller
+    had enabled it."""
+    before = _get(transformer)
+    enable_kvlock(transformer, **options)
+    try:
+        yield
+    finally:
+        if is_kvlock_enabled(transformer):
+            disable_kvlock(transformer)
+        if before is not None:
+            enable_kvlock(transformer, before.provider or before.plan, attention=before.attention,
+                          kernel_backend=before.kernel_backend, epilogue_backend=before.epilogue_backend)

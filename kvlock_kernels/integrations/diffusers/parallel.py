@@ -42,8 +42,8 @@ from ...attention.merge_attention_states import merge_attention_states
 __all__ = ["cp_degree", "cp_rank", "shard_tokens", "check_servable", "ulysses_kv_lock_attention",
            "ring_kv_lock_attention", "context_parallel_kv_lock_attention"]
 
-# diffusers' native SDPA backend cannot return the LSE that ring attention merges with.
-_NO_LSE_BACKENDS = ("native",)
+# Context-parallel backends of diffusers that cannot return the LSE that ring attention merges with.
+_NO_LSE_BACKENDS = ("native", "_native_npu")
 
 
 def cp_degree(cp) -> int:
@@ -78,7 +78,8 @@ def shard_tokens(x: torch.Tensor, dim: int, cp, *, name: str, expected: int, lay
                          "with the transformer's patch size)")
     world = cp_degree(cp)
     shards = x.tensor_split(world, dim=dim) if _uneven(cp) else x.chunk(world, dim=dim)
-    shard = shards[cp_rank(cp)] if cp_rank(cp) < len(shards) else x.narrow(dim, 0, 0)
+    rank = cp_rank(cp)
+    shard = shards[rank] if rank < len(shards) else x.narrow(dim, 0, 0)  # torch.chunk may give fewer chunks
     if shard.shape[dim] != expected:
         raise ValueError(f"KV-Lock {name} cover {full} video tokens; under context parallelism over {world} ranks "
                          f"this rank's shard has {shard.shape[dim]} but its sequence{where} has {expected}: the "
@@ -87,14 +88,19 @@ def shard_tokens(x: torch.Tensor, dim: int, cp, *, name: str, expected: int, lay
 
 
 def _backend_name(processor_backend) -> str:
-    """The backend a processor dispatches to: its own, else diffusers' default
-    (DIFFUSERS_ATTN_BACKEND; an ``attention_backend(...)`` context is not visible here,
-    and diffusers' own error covers that case at the call)."""
-    if processor_backend is not None:
-        return getattr(processor_backend, "value", str(processor_backend))
-    from diffusers.utils.constants import DIFFUSERS_ATTN_BACKEND
+    """The backend a processor dispatches to: its own (``set_attention_backend``), else the
+    active one (an ``attention_backend(...)`` context, else DIFFUSERS_ATTN_BACKEND)."""
+    backend = processor_backend
+    if backend is None:
+        from diffusers.models import attention_dispatch
 
-    return str(DIFFUSERS_ATTN_BACKEND)
+        # diffusers has no public getter for the active backend: read its registry defensively.
+        backend = getattr(getattr(attention_dispatch, "_AttentionBackendRegistry", None), "_active_backend", None)
+    if backend is None:
+        from diffusers.utils.constants import DIFFUSERS_ATTN_BACKEND
+
+        backend = DIFFUSERS_ATTN_BACKEND
+    return getattr(backend, "value", str(backend))
 
 
 def check_servable(cp, *, family: str, supports_cp: bool, attention: str, processor_backend, heads: int) -> None:

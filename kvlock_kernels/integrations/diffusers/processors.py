@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ...attention.epilogue import qkv_epilogue as _qkv_epilogue_op
 from ...attention.kv_lock_attention import kv_lock_attention
+from ...attention.lock_kv import lock_kv
 from . import parallel
 from .plan import SOURCE_INDEX, KVLockPlan
 
@@ -144,16 +145,25 @@ class KVLockProcessor:
 
     # ------------------------------------------------------------------ the video segment
     def video_epilogue(self, q, k, v, *, heads: int, norm_q: NormSpec, norm_k: NormSpec, rope: str = "none",
-                       cos=None, sin=None):
+                       cos=None, sin=None, rope_fn=None):
         """Norm + RoPE of the video tokens, with the plan's lock applied to K/V when
-        attention runs through diffusers (the fused kernel blends inside attention)."""
+        attention runs through diffusers (the fused kernel blends inside attention).
+        ``rope_fn(q, k) -> (q, k)`` on (B, S, H, D): a family's own RoPE in place of the
+        epilogue's (the lock then follows it as ``lock_kv``)."""
         plan = self.plan
         lock = k_src = v_src = source_index = None
         if plan.mode == "lock" and self._install.attention == "diffusers":
             lock, k_src, v_src, source_index = self.lock_source(plan, q.shape[0], q.shape[1])
-        q, k, v = epilogue(q, k, v, heads=heads, norm_q=norm_q, norm_k=norm_k, rope=rope, cos=cos, sin=sin,
-                           lock=lock, k_src=k_src, v_src=v_src, source_index=source_index,
-                           backend=self._install.epilogue_backend)
+        backend = self._install.epilogue_backend
+        if rope_fn is None:
+            q, k, v = epilogue(q, k, v, heads=heads, norm_q=norm_q, norm_k=norm_k, rope=rope, cos=cos, sin=sin,
+                               lock=lock, k_src=k_src, v_src=v_src, source_index=source_index, backend=backend)
+        else:
+            q, k, v = epilogue(q, k, v, heads=heads, norm_q=norm_q, norm_k=norm_k, backend=backend)
+            q, k = rope_fn(q, k)
+            if lock is not None:
+                k, v = lock_kv(k, v, lock, k_src=k_src, v_src=v_src, source_index=source_index,
+                               backend=_epilogue_backend(k, backend), check_inputs=False)
         if k_src is not None:
             self.release_source(plan)
         if plan.mode == "capture":

@@ -22,6 +22,8 @@ Loop (flow matching, velocity):
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..processors import KVLockProcessor, norm_spec
@@ -44,13 +46,30 @@ class KVLockWanAttnProcessor(KVLockProcessor):
         heads = attn.heads
         head_dim = query.shape[-1] // heads
         cos, sin = rotary_emb if rotary_emb is not None else (None, None)
+        rope_fn = None
+        if cos is not None and cos.dtype != torch.float32:
+            # model.to(dtype) cast the RoPE tables diffusers loads in fp32: the stock processor then
+            # rotates in that dtype, rounding every product; so does KV-Lock (stock bit for bit).
+            rope_fn = functools.partial(_rotate_pairs, cos=cos, sin=sin)
         query, key, value = self.video_epilogue(
             query, key, value, heads=heads, norm_q=norm_spec(attn.norm_q, heads, head_dim, "norm_q"),
             norm_k=norm_spec(attn.norm_k, heads, head_dim, "norm_k"),
-            rope="interleaved" if rotary_emb is not None else "none", cos=cos, sin=sin)
+            rope="interleaved" if rotary_emb is not None else "none", cos=cos, sin=sin, rope_fn=rope_fn)
         out = self.attend(query, key, value, attention_mask)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+def _rotate_pairs(q, k, *, cos, sin):
+    """Interleaved RoPE of (B, S, H, D) q and k with Wan's (1, S, 1, D) tables, each op in
+    the operands' dtype (pairs (2i, 2i+1): x' = x cos - y sin, y' = x sin + y cos)."""
+    c, s = cos[..., 0::2], sin[..., 1::2]
+
+    def rotate(t):
+        x, y = t[..., 0::2], t[..., 1::2]
+        return torch.stack((x * c - y * s, x * s + y * c), dim=-1).flatten(-2)
+
+    return rotate(q), rotate(k)
 
 
 class WanAdapter(ModelAdapter):
