@@ -392,3 +392,15 @@ def test_missing_extra_is_a_clear_error(monkeypatch, capsys, tmp_path):
                       "--prompt", "x", "--out", tmp_path / "o.mp4")
     assert rc == 2
     assert "missing: numpy, imageio" in err and "pip install 'kvlock-kernels[diffusers]'" in err
+
+
+def test_editor_settings_refused_as_usage_errors(models, clip):
+    """A setting KVLockEditor refuses (here progress that is not a bool) is a usage error
+    naming the setting, not an 'unsupported model'."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(models("wan21"), local_files_only=True)
+    editor = KVLockVideoEditor.from_pipe(pipe, progress="yes")
+    with pytest.raises(EditInputError, match="progress") as info:
+        editor(clip["video"], clip["mask"], "a red ball", num_inference_steps=3)
+    assert not isinstance(info.value, UnsupportedModelError)

@@ -702,10 +702,12 @@ class KVLockVideoEditor:
             kw["boundary_ratio"] = self.model_info["boundary_ratio"]
         if self.model_info["expand_timesteps"]:
             kw["expand_timesteps"] = True
+        # The checkpoint passed check_pipeline: what KVLockEditor refuses now is an argument
+        # (source, backend, cache capacity, progress), a usage error, not an unsupported model.
         try:
             return _editor_class()(self.pipe.transformer, scheduler, **kw)
         except (TypeError, ValueError) as e:
-            raise UnsupportedModelError(f"KVLockEditor cannot run this checkpoint: {e}") from None
+            raise EditInputError(f"KVLockEditor refused the edit's settings: {e}") from None
 
     def _complete_trace(self, trace, scheduler) -> List[dict]:
         """The editor's rows (step, sigma2, alpha, omega, s_star, expert index) with the step's timestep,
