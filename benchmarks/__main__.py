@@ -6,7 +6,7 @@ Every op is checked against its reference, then timed beside its alternatives:
 kv_lock_attention against the unfused blend + SDPA, SDPA without blending (the
 ceiling), flash-attn and FlexAttention; the two routed paths of a locked call (the
 blend pass then FA3 / FA2 / SDPA, or the fused kernel) at alpha 0 / 0.5 / 1 with the
-cost model's prediction and route printed beside the measurements; engineer B's blend
+cost model's prediction and route printed beside the measurements; the blend
 ops (``lock_kv``, ``qkv_epilogue``: ``benchmarks/blend.py``); the control ops and
 merge_attention_states against the eager PyTorch they replace; the KV ring buffer
 against plain copies.  Rows report median and spread, TFLOP/s, effective GB/s from a
@@ -26,8 +26,6 @@ shapes; the model as the only GPU prediction; and the static GPU report of
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect as pyinspect
 import json
 import os
 import platform
@@ -123,93 +121,16 @@ def run_checks(device, ops):
     return checks
 
 
-def _call(fn, **kwargs):
-    """Call ``fn`` with the keyword arguments its signature accepts."""
-    params = pyinspect.signature(fn).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return fn(**kwargs)
-    return fn(**{k: v for k, v in kwargs.items() if k in params})
-
-
-def _first(mod, *names):
-    for n in names:
-        fn = getattr(mod, n, None)
-        if callable(fn):
-            return fn
-    return None
-
-
 def blend_section(device, peaks, repeats, quick):
-    """Engineer B's ``benchmarks/blend.py`` (lock_kv and qkv_epilogue), imported lazily.
+    """``benchmarks/blend.py``'s section (lock_kv and qkv_epilogue): dict(checks, rows,
+    model, text).  A section that raises is a failed check, not a crash of the harness."""
+    from . import blend
 
-    Expected: ``checks(device)`` -> [dict(op, case, ok, detail)], ``run(device, peaks,
-    repeats, quick)`` -> harness rows (op, shape, provider, status, median_ms, min_ms,
-    max_ms, gbps, roofline_pct, ...), ``model_rows()`` -> bytes-model dicts; or one
-    ``section(device, peaks, repeats, quick)`` -> dict(checks, rows, model, text).  What is
-    missing is reported as unavailable with the reason, never dropped."""
-    out = dict(checks=[], rows=[], model=[], text="", unavailable=[])
     try:
-        mod = importlib.import_module("benchmarks.blend")
+        return blend.section(device, peaks, repeats, quick)
     except Exception as e:
-        out["unavailable"].append(f"benchmarks.blend: {type(e).__name__}: {e}"[:300])
-        return out
-    kwargs = dict(device=device, peaks=peaks, repeats=repeats, quick=quick)
-    section = _first(mod, "section")
-    if section is not None:
-        try:
-            res = _call(section, **kwargs) or {}
-        except Exception as e:  # a failing section is a result (a failed check), not a crash
-            why = f"benchmarks.blend.section failed: {type(e).__name__}: {e}"[:300]
-            out["checks"].append(dict(op="blend", case="section", ok=False, detail=why))
-            return out
-        for key in ("checks", "rows", "model"):
-            out[key] = list(res.get(key, []))
-        out["text"] = res.get("text", "")
-        return out
-    for key, names in (("checks", ("checks", "check", "run_checks")), ("rows", ("run", "rows")),
-                       ("model", ("model_rows", "bytes_model"))):
-        fn = _first(mod, *names)
-        if fn is None:
-            out["unavailable"].append(f"benchmarks.blend has no {' / '.join(names)}()")
-            continue
-        try:
-            res = _call(fn, **kwargs)
-        except Exception as e:  # a failing section is a result, not a crash of the harness
-            out["unavailable"].append(f"benchmarks.blend.{fn.__name__} failed: {type(e).__name__}: {e}"[:300])
-            if key == "checks":
-                out["checks"].append(dict(op="blend", case=fn.__name__, ok=False, detail=str(e)[:200]))
-            continue
-        if key == "checks" and isinstance(res, tuple) and len(res) in (2, 3) and isinstance(res[1], bool):
-            res = [dict(op="lock_kv", case="", ok=res[1], detail=str(res[-1]))]
-        out[key] = list(res or [])
-    return out
-
-
-def _generic_table(rows):
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for r in rows:
-        cells = [(format(r[k], ".4g") if isinstance(r.get(k), float) else str(r.get(k, ""))) for k in keys]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def print_blend(blend, unit):
-    """The blend section's checks, rows and bytes model in the harness's formats."""
-    for c in blend["checks"]:
-        print(f"- {c.get('op')} [{c.get('case')}]: {c.get('detail')}: {'PASS' if c.get('ok') else 'FAIL'}")
-    rows = blend["rows"]
-    harness_format = all(isinstance(r, dict) and {"shape", "provider", "status"} <= set(r)
-                         and (r["status"] != "ok" or {"median_ms", "min_ms", "max_ms"} <= set(r)) for r in rows)
-    if rows and harness_format:
-        print_rows("lock_kv / qkv_epilogue", rows, unit,
-                   [("GB/s (model)", "gbps", ".1f"), ("% roofline", "roofline_pct", ".1f"),
-                    ("vs eager", "vs_eager", ".2f"), ("bytes model eager/fused", "model_ratio", ".2f")])
-    elif rows:
-        print("\n" + _generic_table(rows))
-    if blend["model"]:
-        print("\n### bytes model\n")
-        print(_generic_table(blend["model"]))
+        why = f"benchmarks.blend.section failed: {type(e).__name__}: {e}"[:300]
+        return dict(checks=[dict(op="blend", case="section", ok=False, detail=why)], rows=[], model=[], text=why)
 
 
 def print_paths(rows, notes, unit, cuda):
@@ -352,12 +273,7 @@ def main(argv=None) -> int:
         report["checks"] += blend["checks"]
         report["rows"] += [r for r in blend["rows"] if isinstance(r, dict) and {"op", "status"} <= set(r)]
         print("\n## blend ops: lock_kv and qkv_epilogue (benchmarks/blend.py)\n")
-        for why in blend["unavailable"]:
-            print(f"- unavailable: {why}")
-        if blend["text"]:  # the section formats its own checks and tables
-            print(blend["text"])
-        else:
-            print_blend(blend, unit)
+        print(blend["text"])  # the section formats its own checks and tables
 
     if "model" in ops:
         result = perf_model.run()

@@ -3,12 +3,10 @@ two routed paths (blend then plain attention, or the fused kernel) side by side 
 cost model's prediction and choice."""
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 
-from kvlock_kernels import kv_lock_attention, reference
+from kvlock_kernels import kv_lock_attention, lock_kv, reference
 from kvlock_kernels.attention import routing
 
 from .common import attention_bytes, make_attention_inputs, roofline_percent, time_fn
@@ -138,20 +136,10 @@ PATH_ALPHAS = (0.0, 0.5, 1.0)
 
 
 def blend_impl(device):
-    """(fn(k, v, lock, k_src, v_src) -> (K', V'), label): engineer B's ``lock_kv`` when it
-    is importable (its PyTorch path on CPU: CPU times time the PyTorch paths), else the
-    PyTorch reference, labelled as such."""
-    try:
-        from kvlock_kernels.attention.lock_kv import lock_kv
-    except Exception as e:  # not there yet: the reference stands in, and the label says so
-        why = f"{type(e).__name__}: {e}"[:80]
-        return ((lambda k, v, lock, ks, vs: reference.lock_kv(k, v, lock, k_src=ks, v_src=vs)),
-                f"torch reference blend (lock_kv unavailable: {why})")
-    params = inspect.signature(lock_kv).parameters
-    extra = {"check_inputs": False} if "check_inputs" in params else {}
-    if device.type != "cuda" and "backend" in params:
-        extra["backend"] = "torch"
-    return (lambda k, v, lock, ks, vs: lock_kv(k, v, lock, k_src=ks, v_src=vs, **extra)), "lock_kv"
+    """fn(k, v, lock, k_src, v_src) -> (K', V'): ``lock_kv`` (its PyTorch path on CPU: CPU
+    times time the PyTorch paths)."""
+    backend = "auto" if device.type == "cuda" else "torch"
+    return lambda k, v, lock, ks, vs: lock_kv(k, v, lock, k_src=ks, v_src=vs, backend=backend, check_inputs=False)
 
 
 def _plain_fn(backend):
@@ -169,7 +157,7 @@ def path_providers(device, dtype, head_dim):
     """[(name, kind, callable or None, why unavailable)]: plain attention on each backend,
     the blend then each backend, the fused kernel and ``kv_lock_attention(backend="auto")``."""
     usable = routing.plain_attention_backends(device, dtype, head_dim)
-    blend, blend_label = blend_impl(device)
+    blend = blend_impl(device)
     reasons = {"fa3": "flash_attn_interface (FA3) not importable or not sm_90",
                "fa2": "flash_attn (FA2) not importable or not sm_80+"}
     rows = []
@@ -178,8 +166,7 @@ def path_providers(device, dtype, head_dim):
         rows.append((f"plain {b} (no lock)", ("plain", b), _plain_fn(b) if ok else None, "" if ok else reasons[b]))
     for b in routing.PLAIN_BACKENDS:
         ok = b in usable
-        name = f"blend + {b}" + ("" if blend_label == "lock_kv" else " [torch reference blend]")
-        rows.append((name, ("blend", b), _blend_then(blend, b) if ok else None, "" if ok else reasons[b]))
+        rows.append((f"blend + {b}", ("blend", b), _blend_then(blend, b) if ok else None, "" if ok else reasons[b]))
     cuda = device.type == "cuda"
     rows.append(("fused (Triton)", ("fused", None),
                  (lambda *a: kv_lock_attention(*a, backend="triton", check_inputs=False)) if cuda else None,
@@ -190,7 +177,7 @@ def path_providers(device, dtype, head_dim):
     else:
         rows.append(("kv_lock_attention backend=torch", ("auto", None),
                      lambda *a: kv_lock_attention(*a, backend="torch", check_inputs=False), ""))
-    return rows, blend_label
+    return rows
 
 
 def _modelled_ms(kind, backend, dims, prof, blended, block_m):
@@ -220,9 +207,9 @@ def path_rows(shapes, alphas, device, peaks, repeats, *, fg=0.3, dtype=torch.bfl
     for shape in shapes:
         B, S, H, D = shape.batch, shape.seqlen, shape.heads, shape.head_dim
         route = routing.choose_path(B, S, S, H, H, D, dtype, device)
-        providers, blend_label = path_providers(device, dtype, D)
+        providers = path_providers(device, dtype, D)
         notes.append(dict(shape=shape.name, batch=B, route=route.path, plain_backend=route.plain_backend,
-                          modelled_ms=route.modelled_ms if cuda else None, why=route.why, blend=blend_label))
+                          modelled_ms=route.modelled_ms if cuda else None, why=route.why, blend="lock_kv"))
         bm, bn, _ = routing.fused_blocks(D, dtype, max(prof.arch, 80) if cuda else 90)
         dims = (B, S, S, H, H, D, dtype)
         base = make_attention_inputs(shape, dtype, device, fg_fraction=fg, alpha=1.0, mask="moving")

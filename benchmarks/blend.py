@@ -161,8 +161,6 @@ def checks(device) -> list[dict]:
     return rows
 
 
-run_checks = checks
-
 
 # ----------------------------------------------------------------------------- bytes model
 def _distinct_bytes(t: torch.Tensor) -> int:

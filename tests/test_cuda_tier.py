@@ -224,14 +224,55 @@ def test_blend_then_plain(backend, dtype_name, shape):
 @needs_gpu_triton
 @pytest.mark.parametrize("dtype_name", ["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("lock_kind", ["mixed", "binary"])
-def test_kv_lock_attention_auto(dtype_name, lock_kind):
-    """Whatever path ``backend="auto"`` takes, the result is the reference's."""
+@pytest.mark.parametrize("source", ["stride0", "in_batch"])
+@pytest.mark.parametrize("shape", [(3, 333, 333), (3, 2 * 30 * 52, 2 * 30 * 52)], ids=["small", "spec-like"])
+def test_kv_lock_attention_auto(dtype_name, lock_kind, source, shape):
+    """Whatever path ``backend="auto"`` takes (the route differs with the shape and with
+    return_lse), the result is the reference's; an in-batch source (a stride-0 view of
+    entry 0) goes through lock_kv's source_index."""
     from kvlock_kernels import kv_lock_attention
     dtype = DTYPES[dtype_name]
-    q, k, v, ks, vs, lock = _attention_inputs(3, 333, 333, 4, 2, 128, dtype, lock=lock_kind)
-    out, lse = kv_lock_attention(q, k, v, ks, vs, lock, backend="auto", return_lse=True)
+    B, Sq, Skv = shape
+    q, k, v, ks, vs, lock = _attention_inputs(B, Sq, Skv, 4, 2, 128, dtype, lock=lock_kind)
+    if source == "in_batch":
+        ks, vs = k[:1].expand(B, -1, -1, -1), v[:1].expand(B, -1, -1, -1)
     ref, same, ref_lse = _oracle(q, k, v, ks, vs, lock)
+    out, lse = kv_lock_attention(q, k, v, ks, vs, lock, backend="auto", return_lse=True)
     _check_out(out, ref, same, dtype, lse, ref_lse)
+    out = kv_lock_attention(q, k, v, ks, vs, lock, backend="auto")
+    _check_out(out, ref, same, dtype)
+
+
+@needs_gpu_triton
+def test_batch_strides_beyond_int32():
+    """Batch entries 2^31 elements apart (S * H * D >= 2^31 in one entry): every kernel
+    computes 64-bit offsets there (4 GiB of fp16 per tensor)."""
+    from kvlock_kernels import kv_lock_attention
+    S, H, D = 96, 2, 64
+
+    def far(*tail):
+        buf = torch.empty(2 ** 31 + S * H * D, dtype=torch.float16, device=_device())
+        t = buf.as_strided((2, *tail), (2 ** 31, *torch.empty(tail).stride()))
+        t.copy_(torch.randn(2, *tail, device=_device()).half())
+        return t
+
+    k, v = far(S, H, D), far(S, H, D)
+    lock = torch.rand(2, S, device=_device())
+    ks, vs = (torch.randn(1, S, H, D, device=_device()).half() for _ in range(2))
+    for out, ref in zip(lock_kv(k, v, lock, source_index=0), reference.lock_kv(k, v, lock, source_index=0)):
+        _assert_blend_close(out, ref, torch.float16, "lock_kv")
+    q = torch.randn(2, S, H, D, device=_device()).half()
+    ref, same, _ = _oracle(q, k, v, ks.expand(2, -1, -1, -1), vs.expand(2, -1, -1, -1), lock)
+    out = kv_lock_attention(q, k, v, ks.expand(2, -1, -1, -1), vs.expand(2, -1, -1, -1), lock, backend="triton")
+    _check_out(out, ref, same, torch.float16)
+    del k, v
+    qp = far(S, H * D)
+    outs = qkv_epilogue(qp, qp, qp, heads=H, norm="rms_per_head", lock=lock, source_index=0)
+    refs = reference.qkv_epilogue(qp.float(), qp.float(), qp.float(), heads=H, norm="rms_per_head", lock=lock,
+                                  source_index=0)
+    sames = reference.qkv_epilogue(qp, qp, qp, heads=H, norm="rms_per_head", lock=lock, source_index=0)
+    for name, o, r, b in zip("qkv", outs, refs, sames):
+        assert_fa_close(o, r, b, atol=ATOL[torch.float16], name=name)
 
 
 def test_choose_path_on_this_device():

@@ -59,7 +59,7 @@ def test_job_protocol(monkeypatch):
 
 def test_fp32_note():
     notes = gpu_report.report_notes({"kv_lock_attention"})
-    assert any("fp32" in n and "PyTorch path" in n for n in notes)
+    assert any("fp32" in n and "lock_kv" in n and "SDPA" in n for n in notes)
 
 
 def test_all_covers_every_dtype_head_dim_and_config():

@@ -556,6 +556,69 @@ def test_plain_path_uses_the_chosen_backend(monkeypatch):
     torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-4)
 
 
+def test_return_lse_without_flash_takes_the_fused_kernel(monkeypatch):
+    """SDPA returns no log-sum-exp (its stand-in is the chunked fp32 PyTorch path): with
+    return_lse (ring attention's chunks), "auto" on CUDA takes the fused kernel wherever it
+    has a config, locked or not; a flash backend returns the LSE itself and keeps its route."""
+    import kvlock_kernels.attention.routing as routing
+
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
+    routing.reset_probes()
+    monkeypatch.setattr(KLA_MODULE, "_cuda_arch", lambda index: 90)
+    cuda = torch.device("cuda", 0)
+    for locked in (True, False):
+        assert select_backend(cuda, torch.bfloat16, locked, "auto", DIMS, return_lse=True) == ("fused", None)
+    assert select_backend(cuda, torch.float32, True, "auto", DIMS, return_lse=True) == ("blend_then_plain", "sdpa")
+    monkeypatch.setattr(KLA_MODULE, "choose_path", lambda *a, **k: routing.Route("blend_then_plain", "fa3", 1.0, ""))
+    assert select_backend(cuda, torch.bfloat16, True, "auto", DIMS, return_lse=True) == ("blend_then_plain", "fa3")
+    assert select_backend(cuda, torch.bfloat16, False, "auto", DIMS, return_lse=True) == ("plain", "fa3")
+    routing.reset_probes()
+
+
+def _route_as_on_cuda(monkeypatch):
+    """Route CPU tensors the way "auto" routes CUDA tensors (the cost model on a stand-in
+    sm_90 device; the chosen path then runs on the CPU tensors)."""
+    real, dims = select_backend, []
+
+    def on_cuda(device, dtype, locked, backend, d=None, **kw):
+        dims.append(d)
+        return real(torch.device("cuda", 0), dtype, locked, backend, d, **kw)
+
+    monkeypatch.setattr(KLA_MODULE, "select_backend", on_cuda)
+    monkeypatch.setattr(KLA_MODULE, "_cuda_arch", lambda index: 90)
+    return dims
+
+
+def test_empty_calls_never_reach_the_cost_model(monkeypatch):
+    """B = 0 or Hq = 0 has no shape the cost model accepts (it wants sizes >= 1): the op
+    returns empty outputs before routing (on CUDA "auto" this raised a ValueError)."""
+    dims = _route_as_on_cuda(monkeypatch)
+    op = torch.ops.kvlock_kernels.kv_lock_attention
+    for B, Sq, Hq, Hkv in ((0, 5, 2, 1), (2, 0, 2, 1), (2, 5, 0, 1)):
+        q = torch.randn(B, Sq, Hq, 16)
+        k, v, ks, vs = (torch.randn(B, 7, Hkv, 16) for _ in range(4))
+        out, lse = op(q, k, v, ks, vs, torch.rand(max(B, 1), 7), 0.25, "bshd", True, "auto")
+        assert out.shape == (B, Sq, Hq, 16) and lse.shape == (B, Hq, Sq)
+    assert dims == []
+
+
+def test_auto_on_cuda_is_routed_inside_the_op_under_torch_compile(monkeypatch):
+    """The cost model is host code Dynamo cannot trace (torch flags, device queries,
+    lru caches): kv_lock_attention leaves "auto" routing to the op, which torch.compile
+    treats as opaque, so fullgraph compilation of a CUDA-routed call has no graph break."""
+    dims = _route_as_on_cuda(monkeypatch)
+    q, k, v, ks, vs, lock = make_inputs(2, 40, 70, 2, 1, 64, torch.float32, src_batch=1)
+
+    def step(q, k, v, ks, vs, lock):
+        return kv_lock_attention(q, k, v, ks.expand(2, -1, -1, -1), vs.expand(2, -1, -1, -1), lock) * 2
+
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v, ks, vs, lock)
+    assert dims and all(d == (2, 40, 70, 2, 1, 64) for d in dims)  # routed at run time, inside the op
+    ref = reference.kv_lock_attention(q, k, v, ks, vs, lock)
+    torch.testing.assert_close(out, 2 * ref, atol=2e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------ configs
 def test_configs_keyed_by_dtype_arch_and_tier():
     for arch in (80, 90):
@@ -563,7 +626,7 @@ def test_configs_keyed_by_dtype_arch_and_tier():
             half = configs_for(tier_dim, torch.bfloat16, arch, aligned)
             assert half == configs_for(tier_dim, "fp16", arch, aligned)
             assert bool(half) == (arch == 90 or tier_dim <= 128)  # sm_80: no head-dim-256 entry
-            # fp32 has no GPU configs (every fp32 tile spilled): fp32 CUDA calls run the PyTorch path.
+            # fp32 has no GPU configs (every fp32 tile spilled): fp32 CUDA calls blend, then SDPA.
             assert configs_for(tier_dim, torch.float32, arch, aligned) == []
     assert configs_for(128, "bf16", 90) != configs_for(128, "bf16", 80)
     assert head_dim_tier(72, aligned=False) == "unaligned" and head_dim_tier(96) == "d128"

@@ -47,9 +47,12 @@ def test_harness_quick(tmp_path):
         assert f"| {provider} | unavailable:" in out
     assert "plain_attention" in checks
 
-    # The blend section is there: B's rows, or the reason they are missing.
+    # The blend section: lock_kv and qkv_epilogue checked (interpreter) and timed (CPU times).
     assert "## blend ops: lock_kv and qkv_epilogue" in out
-    assert report["blend"]["rows"] or report["blend"]["unavailable"] or report["blend"]["checks"]
+    blend = report["blend"]
+    assert {c["op"] for c in blend["checks"]} == {"lock_kv", "qkv_epilogue"} and all(c["ok"] for c in blend["checks"])
+    assert {r["op"] for r in blend["rows"] if r["status"] == "ok"} == {"lock_kv", "qkv_epilogue"}
+    assert blend["model"]
 
     # The model, computed from the real lock: every SPEC shape x batch x alpha x fg, and
     # the route within 1.03x of the best plain attention everywhere (any backend set).

@@ -121,6 +121,28 @@ def test_probes_are_cached(standins, monkeypatch):
     assert routing.plain_attention_backends("cpu") == ["sdpa"]
 
 
+def test_failed_probes_are_cached(monkeypatch):
+    """Issue 12: a failed flash-attn import is not cached by Python (each attempt costs
+    tens of microseconds); the probe tries once per process, failures included."""
+    attempts = []
+
+    class Finder:
+        def find_spec(self, name, path=None, target=None):
+            if name in ("flash_attn", "flash_attn_interface"):
+                attempts.append(name)
+                raise ImportError(f"{name} blocked by the test")
+            return None
+
+    for name in ("flash_attn", "flash_attn_interface"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Finder(), *sys.meta_path])
+    monkeypatch.setattr(routing, "_cuda_arch", lambda device: 90)
+    for _ in range(3):
+        assert routing.plain_attention_backends("cpu", torch.bfloat16, 128) == ["sdpa"]
+        routing.choose_path(2, 64, 64, 2, 2, 128, torch.bfloat16, "cpu", arch=90, device_name="H100")
+    assert sorted(attempts) == ["flash_attn", "flash_attn_interface"]
+
+
 # --------------------------------------------------------------------------------------
 # plain_attention
 # --------------------------------------------------------------------------------------
@@ -308,16 +330,15 @@ def test_cost_model_shape():
         routing.efficiency("fa3", 90, torch.float32, 128)
 
 
-def test_fused_blocks_from_config_table(monkeypatch):
+def test_fused_blocks_from_config_table():
     from kvlock_kernels.attention.configs import configs_for
     bm, bn, src = routing.fused_blocks(128, torch.bfloat16, 90)
     assert (bm, bn) == tuple(configs_for(128, torch.bfloat16, arch=90)[0][:2]) and "configs_for" in src
-    # Without the table: a stated default.
-    monkeypatch.setitem(sys.modules, "kvlock_kernels.attention.configs", None)
-    routing._fused_blocks.cache_clear()
-    bm, bn, src = routing.fused_blocks(128, torch.bfloat16, 90)
-    assert (bm, bn) == (128, 64) and "default" in src
-    routing._fused_blocks.cache_clear()
+    assert routing.fused_blocks(64, torch.float16, 80)[:2] == tuple(configs_for(64, "fp16", arch=80)[0][:2])
+    # No config (fp32; head dim 256 on sm_80): no fused route.
+    for dtype, d, arch in ((torch.float32, 128, 90), (torch.bfloat16, 256, 80)):
+        bm, bn, src = routing.fused_blocks(d, dtype, arch)
+        assert bm is None and bn is None and "no fused-kernel config" in src
 
 
 def test_sdpa_kernel_kind_follows_torch_flags():

@@ -7,9 +7,9 @@ autotune candidates, best first:
 - ``dtype``: ``"bf16"``, ``"fp16"`` or ``"fp32"``.  fp32 has no GPU entries: IEEE fp32
   dots keep whole operand rows (all of the head dim) in registers and 3xTF32 dots keep
   both halves of the query tile, so every fp32 tile from 16x16 up spilled at head dim
-  >= 64 on sm_80 and sm_90.  fp32 CUDA calls run the PyTorch path instead; fp32 runs
-  through the kernel under the interpreter only (with the (BLOCK_M, BLOCK_N) pairs of
-  INTERPRETER_CONFIGS);
+  >= 64 on sm_80 and sm_90.  fp32 CUDA calls blend with lock_kv and attend with SDPA;
+  fp32 runs through the kernel under the interpreter only (with the (BLOCK_M, BLOCK_N)
+  pairs of INTERPRETER_CONFIGS);
 - ``tier``: ``"d64"`` (head dim <= 64), ``"d128"`` (<= 128), ``"d256"`` (<= 256), and
   ``"unaligned"`` (head dim <= 128 with a row stride that is not a multiple of 16
   elements, e.g. a contiguous head dim 72: the loads cannot be vectorised, so they are
@@ -19,8 +19,8 @@ Every entry compiles for its arch without register spills, within shared memory 
 without tensor-core work duplicated across warps: ``python -m kvlock_kernels.tools.gpu_report
 --all`` checks the whole table (it exits 1 otherwise) and reports the tensor-core
 instructions per KV block of each entry.  An empty list (fp32 everywhere, head dim > 128
-on sm_80) means the fused kernel does not run there on GPUs: ``kv_lock_attention`` takes
-the PyTorch path (backend "auto") or raises (backend "triton").
+on sm_80) means the fused kernel does not run there on GPUs: ``kv_lock_attention`` blends
+with ``lock_kv`` then runs plain attention (backend "auto") or raises (backend "triton").
 """
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ _HALF_SM90 = {
 }
 # sm_80's mma.sync keeps both dot operands in registers: smaller tiles than sm_90.  At
 # head dim 256 no tile was both spill-free in the locked kernel and free of duplicated
-# dots (16x16 on 4 warps computes QK twice), so sm_80 has no d256 entry: such calls run
-# the PyTorch path on CUDA (an empty list means exactly that, see kv_lock_attention).
+# dots (16x16 on 4 warps computes QK twice), so sm_80 has no d256 entry: "auto" blends
+# then runs plain attention there (an empty list means exactly that, see kv_lock_attention).
 _HALF_SM80 = {
     "d64": [(128, 32, 8, 2), (64, 32, 4, 2), (128, 32, 4, 2), (64, 16, 4, 2)],
     "d128": [(128, 16, 8, 2), (32, 32, 4, 2)],

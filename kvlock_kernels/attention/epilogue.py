@@ -55,8 +55,12 @@ from .._validate import (
     check_tensor,
 )
 from ..reference.epilogue import NORMS, ROPES, rope_table
+from .configs import block_d
 from .lock_kv import (
     DTYPES,
+    _batch_stride,
+    _blend_rows,
+    _i64,
     _runs_triton,
     check_backend,
     check_source,
@@ -86,15 +90,11 @@ LAUNCH_CONFIGS = {
 INTERPRETER_BLOCK_S = 16
 
 
-def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
-
-
 def launch_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
     """(BLOCK_S, num_warps) of the GPU launch for a head dim and dtype."""
-    block_d = _block_d(head_dim)
+    bd = block_d(head_dim)
     table = LAUNCH_CONFIGS["fp32" if dtype == torch.float32 else "half"]
-    return table["d64" if block_d <= 64 else "d128" if block_d <= 128 else "d256"]
+    return table["d64" if bd <= 64 else "d128" if bd <= 128 else "d256"]
 
 
 # --------------------------------------------------------------------------------------
@@ -105,12 +105,6 @@ def launch_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> tuple[i
 # registers from one contiguous load (tl.reshape + tl.split; stores join them back);
 # "half": a = columns [0, D/2), b = [D/2, D), two contiguous loads.  Either way every
 # load and store is a contiguous vector access and the rotation needs no shuffle.
-@triton.jit
-def _i64(x):
-    """A loop index (a Python int under the interpreter, i32 on GPU) as an int64 scalar."""
-    return x + tl.zeros([], dtype=tl.int64)
-
-
 @triton.jit
 def _load_pair(P, row, row_ok, offs_d, offs_j, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
                BLOCK_D: tl.constexpr, ROPE: tl.constexpr, other):
@@ -189,15 +183,6 @@ def _norm_rope(a, b, ok_a, ok_b, rstd, wa, wb, ba, bb, cos_a, cos_b, sin_a, sin_
         a = tl.where(in_rope[:, None], ra, a)
         b = tl.where(in_rope[:, None], rb, b)
     return a, b
-
-
-@triton.jit
-def _blend_rows(x, xs, w):
-    """x + w (xs - x) per row in fp32; w == 0 selects x, w == 1 selects xs (the
-    operand not selected may hold anything: it was not loaded, or is NaN)."""
-    wb = w[:, None]
-    mixed = x + wb * (xs - x)
-    return tl.where(wb == 0.0, x, tl.where(wb == 1.0, xs, mixed))
 
 
 @triton.jit
@@ -409,7 +394,7 @@ def _qkv_epilogue_kernel(
 def kernel_constexprs(head_dim: int, *, norm: str, rope: str, lock_mode: int, has_qw: bool, has_qb: bool,
                       has_kw: bool, has_kb: bool, align: int = 16, interpret: bool = False) -> dict:
     """The non-tiling constexprs of ``_qkv_epilogue_kernel`` (also used by the GPU report)."""
-    return dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), NORM=NORM_CODES[norm], ROPE=ROPE_CODES[rope],
+    return dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), NORM=NORM_CODES[norm], ROPE=ROPE_CODES[rope],
                 LOCK_MODE=lock_mode, HAS_QW=has_qw, HAS_QB=has_qb, HAS_KW=has_kw, HAS_KB=has_kb,
                 ALIGN=align, INTERPRET=interpret)
 
@@ -419,10 +404,6 @@ def kernel_constexprs(head_dim: int, *, norm: str, rope: str, lock_mode: int, ha
 # --------------------------------------------------------------------------------------
 def _bshd(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(2, (heads, -1)) if x.dim() == 3 else x
-
-
-def _batch_stride(t: torch.Tensor) -> int:
-    return 0 if t.shape[0] == 1 else t.stride(0)
 
 
 def _launch(q, k, v, heads, norm, wq, bq, wk, bk, eps, rope, cos, sin, rope_start, lock, k_src, v_src,
@@ -638,7 +619,9 @@ def qkv_epilogue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, heads: in
         rope: "none", "interleaved" (pairs (2i, 2i+1)) or "half" (pairs (i, i + D/2)).
         rope_cos, rope_sin: (S_rope, D) (or diffusers' Wan layout (1, S_rope, 1, D)),
             float, one value per element of D as diffusers builds them; fp32 math:
-            ``out = x * cos + rotate(x) * sin``.  Applied to q and k of tokens
+            ``out = x * cos + rotate(x) * sin``.  fp16/bf16 tables are upcast and still
+            rotate in fp32 (a stock processor that casts its tables to q's dtype rotates
+            in that dtype: pass fp32 tables, or the stock path, for bit-equality).  Applied to q and k of tokens
             ``rope_start .. rope_start + S_rope - 1`` (CogVideoX: rope_start = text tokens;
             HunyuanVideo: 0, text last); the other tokens get no RoPE.
         lock: (S,), (1, S) or (B, S), float in [0, 1] or bool: weight of the source per

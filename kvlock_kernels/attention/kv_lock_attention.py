@@ -25,7 +25,9 @@ block (``python -m kvlock_kernels.tools.gpu_report`` counts it), not tensor-core
 block with no lock and no blend.  The KV loop runs over full blocks without boundary
 masks, then one masked tail block when the key length is not a multiple of BLOCK_N.
 fp16/bf16 on GPUs (not head dim > 128 on sm_80: no config); fp32 runs through the kernel
-under the interpreter only (fp32 CUDA calls take the PyTorch path, see ``FP32_ON_GPU``).
+under the interpreter only (fp32 CUDA calls blend with ``lock_kv`` and attend with SDPA,
+see ``FP32_ON_GPU``).  Which path serves a ``backend="auto"`` call on CUDA (this kernel,
+or the blend then the fastest plain attention) is ``select_backend``'s call, from shapes.
 
 Layout of this file: the Triton kernel, the launcher (configs in ``configs.py``), the
 torch custom op (fake implementation for torch.compile, recompute backward), and the
@@ -376,9 +378,10 @@ def _launch_triton(q, k, v, k_src, v_src, lock, out, lse, softmax_scale, config=
 # Routing: which implementation serves a call (shapes, dtype and device only)
 # --------------------------------------------------------------------------------------
 FP32_ON_GPU = (
-    "the fused kernel runs fp16/bf16 on GPUs; fp32 CUDA calls run the PyTorch path (blend in fp32, then "
-    "SDPA): IEEE fp32 dots keep whole operand rows in registers and 3xTF32 dots keep both halves of q, so "
-    "every fp32 tile spills at head dim >= 64 on sm_80 and sm_90 (tools/gpu_report, docs/attention.md)")
+    "the fused kernel runs fp16/bf16 on GPUs; fp32 CUDA calls with backend='auto' blend with lock_kv (fp32) "
+    "and attend with SDPA: IEEE fp32 dots keep whole operand rows in registers and 3xTF32 dots keep both "
+    "halves of q, so every fp32 tile spills at head dim >= 64 on sm_80 and sm_90 (tools/gpu_report, "
+    "docs/attention.md)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -651,6 +654,10 @@ def kv_lock_attention(q, k, v, k_src=None, v_src=None, lock=None, *, softmax_sca
             the fastest plain attention available (FA3 > FA2 > SDPA, as modelled), or the
             fused single-pass kernel where the model says it is faster (short query
             blocks, memory-bound); an unlocked call goes to the fastest plain attention.
+            With return_lse and no FA2/FA3 (SDPA returns no LSE) the fused kernel serves
+            the call wherever it has a config.  An in-batch source (``k_src`` a
+            batch-stride-0 view of one entry of k) is blended as ``lock_kv``'s
+            ``source_index``: that entry is read once and not locked toward itself.
             On CPU the PyTorch path, or the fused kernel under TRITON_INTERPRET=1.
             "triton" forces the fused kernel (ValueError where it has no config: fp32 on
             GPUs, head dim > 128 on sm_80); "torch" forces the PyTorch path.

@@ -33,6 +33,7 @@ from .._autograd import register_recompute_backward
 from .._triton_helpers import cast_for_store
 from .._utils import device_guard, triton_interpreting, use_triton
 from .._validate import (
+    LOCK_DTYPES,
     check_bool,
     check_choice,
     check_int,
@@ -41,13 +42,13 @@ from .._validate import (
     check_same_dtype,
     check_tensor,
 )
+from .configs import block_d
 
 __all__ = ["lock_kv", "LAUNCH_CONFIGS", "launch_config", "gpu_report_jobs"]
 
 # Inputs the ops take; fp64 runs the PyTorch path only (gradcheck, oracles).
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-LOCK_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool)
 BSHD = "(B, S, H, D)"
 
 # (BLOCK_S tokens per program, num_warps) by head-dim tier: 4096 elements per tile over
@@ -58,14 +59,10 @@ LAUNCH_CONFIGS = {"d64": (64, 8), "d128": (32, 8), "d256": (16, 8)}
 INTERPRETER_BLOCK_S = 16
 
 
-def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
-
-
 def launch_config(head_dim: int) -> tuple[int, int]:
     """(BLOCK_S, num_warps) of the GPU launch for a head dim."""
-    block_d = _block_d(head_dim)
-    return LAUNCH_CONFIGS["d64" if block_d <= 64 else "d128" if block_d <= 128 else "d256"]
+    bd = block_d(head_dim)
+    return LAUNCH_CONFIGS["d64" if bd <= 64 else "d128" if bd <= 128 else "d256"]
 
 
 # --------------------------------------------------------------------------------------
@@ -195,7 +192,7 @@ def _lock_kv_kernel(
 def kernel_constexprs(head_dim: int, *, shared_src: bool, branch: bool, in_place: bool, align: int = 16,
                       interpret: bool = False) -> dict:
     """The non-tiling constexprs of ``_lock_kv_kernel`` (also used by the GPU report)."""
-    return dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), SHARED_SRC=shared_src, BRANCH=branch,
+    return dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), SHARED_SRC=shared_src, BRANCH=branch,
                 IN_PLACE=in_place, ALIGN=align, INTERPRET=interpret)
 
 
@@ -392,6 +389,7 @@ def lock_kv(k: torch.Tensor, v: torch.Tensor, lock: torch.Tensor, *, k_src: Opti
     check_bool("check_inputs", check_inputs)
     B, S, H, D = k.shape
     src = check_source(k_src, v_src, source_index, B, (S, H, D), k, required=True)
+    check_tensor("lock", lock, dtypes=LOCK_DTYPES, layout="(S,), (1, S) or (B, S)")  # kind first: TypeError
     check_same_device(k=k, v=v, lock=lock, k_src=k_src, v_src=v_src)
     lock2 = lock_weights_2d(lock, B, S, check_inputs)
     check_backend(backend, k.dtype, k.device)

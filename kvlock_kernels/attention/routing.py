@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from .._validate import check_choice, check_int, check_real, check_same_device, check_tensor, describe
+from .configs import configs_for
 
 __all__ = [
     "PLAIN_BACKENDS", "PATHS", "Route", "DeviceProfile", "DEVICE_PROFILES", "CPU_PROFILE",
@@ -196,8 +197,6 @@ BLEND_OVERLAP = 0.0
 # The fused kernel must be modelled this much faster than the blend path to be chosen:
 # its efficiency is our estimate, the FA2/FA3 numbers are published measurements.
 FUSED_MARGIN = 0.05
-# Default fused-kernel tile when the config table is not importable.
-_DEFAULT_TILE = {"sm90": (128, 64), "sm80": (128, 64)}
 
 
 def _tier(head_dim: int) -> int:
@@ -310,21 +309,11 @@ def _dtype_key(dtype) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_blocks(head_dim: int, dtype_key: str, arch: int) -> tuple[int, int, str]:
-    try:
-        from .configs import configs_for
-    except Exception:  # the table is not there (yet): a stated default
-        bm, bn = _DEFAULT_TILE[_family(arch)]
-        return bm, bn, "default (attention.configs not importable)"
+def _fused_blocks(head_dim: int, dtype_key: str, arch: int) -> tuple[Optional[int], Optional[int], str]:
     configs = configs_for(head_dim, dtype_key, arch=arch)
     if not configs:
         return None, None, f"no fused-kernel config for {dtype_key} d{head_dim} on sm_{arch}"
-    first = configs[0]
-    if isinstance(first, (tuple, list)):
-        bm, bn = int(first[0]), int(first[1])
-    else:  # a triton.Config-like entry
-        kw = getattr(first, "kwargs", first)
-        bm, bn = int(kw["BLOCK_M"]), int(kw["BLOCK_N"])
+    bm, bn = configs[0][:2]
     return bm, bn, "attention.configs.configs_for"
 
 
