@@ -11,20 +11,11 @@ import torch
 from kvlock_kernels import kv_lock_attention
 
 from .attention import sdpa_ceiling, unfused
-from .common import CPU_SHAPES, WAN_1_3B, make_attention_inputs
+from .common import CPU_SHAPES, WAN_1_3B, make_attention_inputs, synced
 
 CUDA = torch.cuda.is_available()
 SHAPE = WAN_1_3B if CUDA else CPU_SHAPES[1]
 DEVICE = "cuda" if CUDA else "cpu"
-
-
-def _sync(fn):
-    def run(*a):
-        out = fn(*a)
-        if CUDA:
-            torch.cuda.synchronize()
-        return out
-    return run
 
 
 PROVIDERS = {
@@ -43,4 +34,4 @@ def test_kv_lock_attention(benchmark, provider, fg_fraction):
     inputs = make_attention_inputs(SHAPE, torch.bfloat16, DEVICE, fg_fraction=fg_fraction)
     benchmark.group = f"kv_lock_attention {SHAPE.name} fg={fg_fraction}"
     benchmark.extra_info.update(device=DEVICE, flops=SHAPE.flops())
-    benchmark.pedantic(_sync(PROVIDERS[provider]), args=inputs, rounds=3, warmup_rounds=1)
+    benchmark.pedantic(synced(PROVIDERS[provider]), args=inputs, rounds=3, warmup_rounds=1)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from benchmarks.blend import CPU_SHAPES, FAMILIES, SOURCE_INDEX, eager_lerp, make_lock_inputs
+from benchmarks.common import synced
 from kvlock_kernels.attention.lock_kv import lock_kv
 
 CUDA = torch.cuda.is_available()
@@ -23,13 +24,7 @@ def test_lock_kv(benchmark, provider):
         "kvlock_torch": lambda: lock_kv(k, v, lock, source_index=SOURCE_INDEX, backend="torch", check_inputs=False),
         "torch_lerp": lambda: eager_lerp(k, v, lock, SOURCE_INDEX),
     }
-    fn = calls[provider]
-
-    def run():
-        out = fn()
-        if CUDA:
-            torch.cuda.synchronize()
-        return out
+    run = synced(calls[provider])
 
     benchmark.group = f"lock_kv B{SHAPE.batch} S{SHAPE.seqlen} H{SHAPE.heads} D{SHAPE.head_dim} ({DEVICE})"
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from benchmarks.blend import CPU_SHAPES, FAMILIES, eager_epilogue, make_epilogue_inputs
+from benchmarks.common import synced
 from kvlock_kernels.attention.epilogue import qkv_epilogue
 
 CUDA = torch.cuda.is_available()
@@ -23,13 +24,7 @@ def test_qkv_epilogue(benchmark, family, provider):
         "kvlock_torch": lambda: qkv_epilogue(q, k, v, **kw, backend="torch", check_inputs=False),
         "eager": lambda: eager_epilogue(q, k, v, **kw),
     }
-    fn = calls[provider]
-
-    def run():
-        out = fn()
-        if CUDA:
-            torch.cuda.synchronize()
-        return out
+    run = synced(calls[provider])
 
     benchmark.group = (f"qkv_epilogue {family} B{shape.batch} S{shape.seqlen} H{shape.heads} D{shape.head_dim} "
                        f"({DEVICE})")

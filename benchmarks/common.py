@@ -164,6 +164,17 @@ def roofline_percent(flops: float, nbytes: float, seconds: float, peaks) -> floa
     return 100.0 * bound / seconds
 
 
+def synced(fn):
+    """``fn`` followed by a device synchronisation on CUDA, so that pytest-benchmark's
+    wall clock measures the kernels and not their launch."""
+    def run(*args):
+        out = fn(*args)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return out
+    return run
+
+
 def time_fn(fn, *, warmup=2, repeats=5, device=torch.device("cpu")):
     """Median, min and max in milliseconds.  CUDA events on GPU, wall clock on CPU."""
     for _ in range(warmup):

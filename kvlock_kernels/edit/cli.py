@@ -37,41 +37,26 @@ KNOWN_VAES = ("AutoencoderKLWan", "AutoencoderKLCogVideoX")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def _positive_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+def _number(kind, low, what, *, strict=False):
+    """An argparse type: ``kind`` (int or float), finite and >= low (> low when strict);
+    ``what`` names the expectation in the message."""
+
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v != v or v in (float("inf"), float("-inf")) or v < low or (strict and v == low):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return v
+
+    return parse
 
 
-def _nonneg_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
-
-
-def _nonneg_float(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (v >= 0.0 and v != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return v
-
-
-def _positive_float(text):
-    v = _nonneg_float(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return v
+_positive_int = _number(int, 1, "a positive integer")
+_nonneg_int = _number(int, 0, "an integer >= 0")
+_nonneg_float = _number(float, 0.0, "a finite number >= 0")
+_positive_float = _number(float, 0.0, "a finite number > 0", strict=True)
 
 
 def _dtype(text):
