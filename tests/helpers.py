@@ -1,3 +1,5 @@
+import os
+
 import torch
 
 
@@ -46,3 +48,16 @@ def far_apart_batch(shape, dtype, *, apart=2 ** 31):
     t = buf.as_strided((2, *shape), (apart, *strides))
     t.copy_(torch.randn(2, *shape).to(dtype))
     return t
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(*, interpret: bool = False, **extra: str) -> dict:
+    """Environment for a child process of a test: this checkout first on PYTHONPATH (the
+    child imports the code under test even where another checkout is pip-installed), and
+    TRITON_INTERPRET dropped unless ``interpret`` (the children run the CPU torch paths)."""
+    env = {k: v for k, v in os.environ.items() if interpret or k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    env.update(extra)
+    return env

@@ -4,12 +4,12 @@ checks written the way diffusers' model tests are (ModelTesterMixin, AttentionTe
 TrainingTesterMixin): determinism, dict/tuple outputs, save/load, QKV fusion, training and
 gradient checkpointing; and KV-Lock at alpha 0 equals stock bit for bit.  Offline: tiny
 models built from configs, no hub downloads."""
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from helpers import subprocess_env
 
 pytest.importorskip("diffusers")
 
@@ -115,7 +115,7 @@ PEER_TESTS = textwrap.dedent('''
 
 def test_plugin_under_model_test_style_checks(tmp_path):
     (tmp_path / "test_peer_style.py").write_text(PEER_TESTS)
-    env = dict(os.environ, KVLOCK_PYTEST_ALPHA="1.0", KVLOCK_PYTEST_MODE="lock")
+    env = subprocess_env(interpret=True, KVLOCK_PYTEST_ALPHA="1.0", KVLOCK_PYTEST_MODE="lock")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
                            "kvlock_kernels.integrations.diffusers.pytest_plugin", str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)

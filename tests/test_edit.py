@@ -17,6 +17,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 pytest.importorskip("imageio_ffmpeg")
 
+from helpers import subprocess_env  # noqa: E402
+
 from kvlock_kernels.edit import EditInputError, KVLockVideoEditor, UnsupportedModelError, read_video  # noqa: E402
 from kvlock_kernels.edit.cli import main  # noqa: E402
 from kvlock_kernels.edit.testing import (  # noqa: E402
@@ -120,7 +122,7 @@ def test_console_script_subprocess_folder_and_image_mask(models, root):
     exe = os.path.join(os.path.dirname(sys.executable), "kvlock-edit")
     cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "kvlock_kernels.edit"]
     out = root / "sub" / "edited.mp4"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # CPU torch path: fast
+    env = subprocess_env()  # CPU torch path: fast
     proc = subprocess.run(cmd + ["--model", models("euler"), "--video", str(folder), "--fps", "8", "--mask",
                                  str(root / "mask0.png"), "--prompt", "a cat", "--out", str(out), "--frames", "7",
                                  "--height", "32", "--steps", "3", "--quiet", "--max-sequence-length", "16",

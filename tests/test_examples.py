@@ -4,12 +4,13 @@ import subprocess
 import sys
 
 import pytest
+from helpers import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_lock_strength_demo():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # CPU torch path: fast
+    env = subprocess_env()  # CPU torch path: fast
     proc = subprocess.run([sys.executable, "python/examples/lock_strength_demo.py", "--frames", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
@@ -25,7 +26,7 @@ def test_edit_tiny_wan(tmp_path):
     on the source (RMS difference of two edits of different sources, same seed) is exactly zero at
     alpha = 0 and grows strictly with alpha, in the background and the foreground."""
     pytest.importorskip("diffusers")  # brought by the [test] extra
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, "python/edit_tiny_wan.py", "--steps", "6", "--quiet",
                            "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
