@@ -102,6 +102,16 @@ def test_locked_issues_the_plain_tensor_core_work(default_attention_reports):
     assert "### kv_lock_attention" in table and "locked: MMA/block" in table and "one code path" in table
 
 
+def test_fp32_epilogue_branch_variants_clean_at_unaligned_head_dim():
+    """fp32 qkv_epilogue at head dim 72 (BLOCK_D 128) on sm_90: the tile where CogVideoX's
+    branch variant spilled 8 bytes with 4 warps (the harness's --all report caught it)."""
+    jobs = [j for j in gpu_report.default_jobs(True, archs=(90,), kernels={"qkv_epilogue"})
+            if j[3:6] == (90, "fp32", 72)]
+    assert len(jobs) >= 4
+    for r in gpu_report.run(jobs, workers=2):
+        assert r.ok, (r.variant, r.config, r.problem)
+
+
 def test_report_flags_spills():
     """A deliberately oversized tile must be reported as spilling (the check can fail)."""
     (report,) = gpu_report.run([("kv_lock_attention", ATTENTION, "_gpu_report_locked", 90, "bf16", 256,

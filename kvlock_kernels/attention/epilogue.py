@@ -81,11 +81,12 @@ LOCK_NONE, LOCK_BRANCH, LOCK_SHARED, LOCK_PER_ENTRY = 0, 1, 2, 3
 # (BLOCK_S tokens per program, num_warps) by dtype and head-dim tier: 1024 elements per
 # head tile.  In branch mode a program keeps the source K/V tiles and the cos/sin tiles
 # live across the batch loop beside the entry's q, k, v: 96-168 registers and no spills on
-# sm_80 / sm_90 (`gpu_report --all`); fp32 at d64 takes 8 warps (with 4, the across-heads
-# cache variant spilled 8 bytes on sm_90).  2048-element tiles need 230-255 registers.
+# sm_80 / sm_90 (`gpu_report --all`); fp32 at d64 to d128 takes 8 warps (with 4, the
+# across-heads cache variant at d64 and CogVideoX's branch variant at d72-d96 spilled 8
+# bytes on sm_90).  2048-element tiles need 230-255 registers.
 LAUNCH_CONFIGS = {
     "half": {"d64": (16, 4), "d128": (8, 4), "d256": (4, 4)},
-    "fp32": {"d64": (16, 8), "d128": (8, 4), "d256": (4, 4)},
+    "fp32": {"d64": (16, 8), "d128": (8, 8), "d256": (4, 4)},
 }
 INTERPRETER_BLOCK_S = 16
 
