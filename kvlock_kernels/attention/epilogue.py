@@ -187,6 +187,18 @@ def _norm_rope(a, b, ok_a, ok_b, rstd, wa, wb, ba, bb, cos_a, cos_b, sin_a, sin_
 
 
 @triton.jit
+def _entry_rstd(RSTD, b64, batch, seqlen, rows64, row_ok, BLOCK_S: tl.constexpr, NORM: tl.constexpr):
+    """1/rms of entry b's q and k rows for the across-heads norm (pass 1's scratch); the
+    per-head norms compute their own in ``_norm_rope`` and get zeros."""
+    rq = tl.zeros([BLOCK_S], dtype=tl.float32)
+    rk = rq
+    if NORM == 1:
+        rq = tl.load(RSTD + b64 * seqlen + rows64, mask=row_ok, other=0.0)
+        rk = tl.load(RSTD + (batch + b64) * seqlen + rows64, mask=row_ok, other=0.0)
+    return rq, rk
+
+
+@triton.jit
 def _entry_lock(LOCK, b, stride_lb, lock_off, row_ok, src_index, BLOCK_S: tl.constexpr, LOCK_MODE: tl.constexpr):
     """Lock weights of batch entry b for the block's tokens (0 for the source entry)."""
     w = tl.zeros([BLOCK_S], dtype=tl.float32)
@@ -275,8 +287,6 @@ def _qkv_epilogue_kernel(
 
     # Pass 1 (across-heads RMSNorm): 1/rms of every entry's q and k rows over all heads,
     # kept in a (2, B, S) fp32 scratch that pass 2 reads back.
-    rstd_q = tl.zeros([BLOCK_S], dtype=tl.float32)
-    rstd_k = rstd_q
     if NORM == 1:
         inv_n = 1.0 / (num_heads * HEAD_DIM)
         for b in range(batch):
@@ -321,12 +331,7 @@ def _qkv_epilogue_kernel(
         if LOCK_MODE == 1:
             # The source entry: its own (unlocked) outputs, and its K/V kept for the others.
             s64 = src_index.to(tl.int64)
-            if NORM == 1:
-                rq = tl.load(RSTD + s64 * seqlen + rows64, mask=row_ok, other=0.0)
-                rk = tl.load(RSTD + (batch + s64) * seqlen + rows64, mask=row_ok, other=0.0)
-            else:
-                rq = rstd_q
-                rk = rstd_k
+            rq, rk = _entry_rstd(RSTD, s64, batch, seqlen, rows64, row_ok, BLOCK_S, NORM)
             q_row = (s64 * stride_qb + rows64 * stride_qs + h64 * stride_qh)[:, None]
             qa, qb = _load_pair(Q, q_row, row_ok, offs_d, offs_j, HEAD_DIM, BLOCK_S, BLOCK_D, ROPE, 0.0)
             qa, qb = _norm_rope(qa, qb, ok_a, ok_b, rq, wqa, wqb, bqa, bqb, cos_a, cos_b, sin_a, sin_b, in_rope,
@@ -354,12 +359,7 @@ def _qkv_epilogue_kernel(
             if b != src_index:
                 b64 = _i64(b)
                 w = _entry_lock(LOCK, b, stride_lb, lock_off, row_ok, src_index, BLOCK_S, LOCK_MODE)
-                if NORM == 1:
-                    rq = tl.load(RSTD + b64 * seqlen + rows64, mask=row_ok, other=0.0)
-                    rk = tl.load(RSTD + (batch + b64) * seqlen + rows64, mask=row_ok, other=0.0)
-                else:
-                    rq = rstd_q
-                    rk = rstd_k
+                rq, rk = _entry_rstd(RSTD, b64, batch, seqlen, rows64, row_ok, BLOCK_S, NORM)
                 q_row = (b64 * stride_qb + rows64 * stride_qs + h64 * stride_qh)[:, None]
                 qa, qb = _load_pair(Q, q_row, row_ok, offs_d, offs_j, HEAD_DIM, BLOCK_S, BLOCK_D, ROPE, 0.0)
                 qa, qb = _norm_rope(qa, qb, ok_a, ok_b, rq, wqa, wqb, bqa, bqb, cos_a, cos_b, sin_a, sin_b,
