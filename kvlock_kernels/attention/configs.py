@@ -28,10 +28,11 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["KERNEL_CONFIGS", "INTERPRETER_CONFIG", "INTERPRETER_CONFIGS", "DTYPE_NAMES", "arch_family",
-           "configs_for", "dtype_name", "head_dim_tier", "block_d"]
+__all__ = ["KERNEL_CONFIGS", "INTERPRETER_CONFIG", "INTERPRETER_CONFIGS", "DTYPE_NAMES", "DTYPES_BY_NAME",
+           "arch_family", "configs_for", "dtype_name", "head_dim_tier", "block_d"]
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 # Every entry is clean for both kernel variants (no lock / locked) and issues no
 # duplicated tensor-core work (the report compares the MMA FLOPs of one loop iteration

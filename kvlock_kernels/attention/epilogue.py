@@ -55,14 +55,14 @@ from .._validate import (
     check_tensor,
 )
 from ..reference.epilogue import NORMS, ROPES, rope_table
-from .configs import block_d
+from .configs import DTYPES_BY_NAME, block_d, head_dim_tier
 from .lock_kv import (
     DTYPES,
     _batch_stride,
     _blend_rows,
     _i64,
     _runs_triton,
-    check_backend,
+    check_kernel_backend,
     check_source,
     lock_weights_2d,
     needs_grad,
@@ -93,9 +93,7 @@ INTERPRETER_BLOCK_S = 16
 
 def launch_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
     """(BLOCK_S, num_warps) of the GPU launch for a head dim and dtype."""
-    bd = block_d(head_dim)
-    table = LAUNCH_CONFIGS["fp32" if dtype == torch.float32 else "half"]
-    return table["d64" if bd <= 64 else "d128" if bd <= 128 else "d256"]
+    return LAUNCH_CONFIGS["fp32" if dtype == torch.float32 else "half"][head_dim_tier(head_dim)]
 
 
 # --------------------------------------------------------------------------------------
@@ -542,7 +540,7 @@ def _(q, k, v, heads, norm, wq, bq, wk, bk, eps, rope, cos, sin, rope_start, loc
 # --------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------
-def _check_norm_weight(name, t, norm, size, q):
+def _check_norm_weight(name, t, norm, size):
     if t is None:
         return None
     if norm == "none":
@@ -669,10 +667,10 @@ def qkv_epilogue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, heads: in
     if norm == "rms_across_heads" and (norm_q_bias is not None or norm_k_bias is not None):
         raise ValueError("norm='rms_across_heads' has no bias (torch.nn.RMSNorm); got norm_q_bias/norm_k_bias")
     w_size = heads * D if norm == "rms_across_heads" else D
-    wq = _check_norm_weight("norm_q_weight", norm_q_weight, norm, w_size, q)
-    wk = _check_norm_weight("norm_k_weight", norm_k_weight, norm, w_size, q)
-    bq = _check_norm_weight("norm_q_bias", norm_q_bias, norm, w_size, q)
-    bk = _check_norm_weight("norm_k_bias", norm_k_bias, norm, w_size, q)
+    wq = _check_norm_weight("norm_q_weight", norm_q_weight, norm, w_size)
+    wk = _check_norm_weight("norm_k_weight", norm_k_weight, norm, w_size)
+    bq = _check_norm_weight("norm_q_bias", norm_q_bias, norm, w_size)
+    bk = _check_norm_weight("norm_k_bias", norm_k_bias, norm, w_size)
     if norm_eps is None:
         eps = torch.finfo(torch.promote_types(q.dtype, torch.float32)).eps
     else:
@@ -689,7 +687,7 @@ def qkv_epilogue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, heads: in
                       rope_cos=cos, rope_sin=sin, lock=lock, k_src=k_src, v_src=v_src,
                       **({} if outs is None else dict(q_out=outs[0], k_out=outs[1], v_out=outs[2])))
     lock2 = lock_weights_2d(lock, B, S, check_inputs) if lock is not None else None
-    check_backend(backend, q.dtype, q.device)
+    check_kernel_backend(backend, q.dtype, q.device)
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if lock2 is None:
@@ -734,8 +732,7 @@ def gpu_report_jobs(arch: int, all_configs: bool) -> list[tuple]:
 
 def gpu_report_build(arch: int, dtype_name: str, head_dim: int, config) -> dict:
     label, norm, rope, lock_mode, has_bias = config
-    block_s, warps = launch_config(head_dim, {"bf16": torch.bfloat16, "fp16": torch.float16,
-                                              "fp32": torch.float32}[dtype_name])
+    block_s, warps = launch_config(head_dim, DTYPES_BY_NAME[dtype_name])
     has_w = norm != "none"
     # What the launcher passes for contiguous tensors (strides multiples of head_dim).
     const = kernel_constexprs(head_dim, norm=norm, rope=rope, lock_mode=lock_mode, has_qw=has_w,

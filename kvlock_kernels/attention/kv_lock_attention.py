@@ -35,7 +35,6 @@ public ``kv_lock_attention``.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -59,6 +58,7 @@ from .._validate import (
     check_tensor,
 )
 from .configs import (  # noqa: F401  (re-exported: tests and tools read them here)
+    DTYPES_BY_NAME,
     INTERPRETER_CONFIG,
     INTERPRETER_CONFIGS,
     KERNEL_CONFIGS,
@@ -68,7 +68,7 @@ from .configs import (  # noqa: F401  (re-exported: tests and tools read them he
     head_dim_tier,
 )
 from .lock_kv import lock_kv
-from .routing import choose_path, plain_attention
+from .routing import _cuda_arch, choose_path, plain_attention  # _cuda_arch: tests patch it here
 
 __all__ = ["kv_lock_attention", "fused_attention_with_config", "KERNEL_CONFIGS", "INTERPRETER_CONFIGS",
            "configs_for", "configs_for_head_dim"]
@@ -384,15 +384,6 @@ FP32_ON_GPU = (
     "docs/attention.md)")
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_arch(index: Optional[int]) -> int:
-    """sm_<arch> of a CUDA device (a host query, no sync); sm_90 without CUDA."""
-    if not torch.cuda.is_available():
-        return 90
-    major, minor = torch.cuda.get_device_capability(index)
-    return 10 * major + minor
-
-
 def fused_kernel_runs(device: torch.device, dtype: torch.dtype, head_dim: Optional[int] = None) -> bool:
     """Whether the fused Triton kernel has configs for these tensors: always under the
     interpreter; on CUDA, fp16/bf16 with a non-empty config list for the GPU and head dim."""
@@ -400,7 +391,7 @@ def fused_kernel_runs(device: torch.device, dtype: torch.dtype, head_dim: Option
         return True
     if dtype == torch.float32:
         return False
-    return head_dim is None or bool(configs_for(head_dim, dtype, _cuda_arch(device.index)))
+    return head_dim is None or bool(configs_for(head_dim, dtype, _cuda_arch(device)))
 
 
 def _dims(q, k) -> tuple:
@@ -438,7 +429,7 @@ def select_backend(device: torch.device, dtype: torch.dtype, locked: bool, backe
     if backend == "triton":
         if not fused_kernel_runs(device, dtype, head_dim):
             why = FP32_ON_GPU if dtype == torch.float32 else (
-                f"no fused-kernel config for head dim {head_dim} on sm_{_cuda_arch(device.index)} "
+                f"no fused-kernel config for head dim {head_dim} on sm_{_cuda_arch(device)} "
                 "(attention/configs.py)")
             raise ValueError(f"backend='triton' with {str(dtype)[6:]} CUDA tensors: {why}; "
                              "use backend='auto' or 'torch'")
@@ -505,18 +496,14 @@ def _kv_lock_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if impl == "fused":
         with device_guard(q.device):
             _launch_triton(q, k, v, k_src, v_src, lock, out, lse, softmax_scale)
-    elif impl in ("plain", "blend_then_plain"):
+    else:
         if impl == "plain":
             res = plain_attention(q, k, v, softmax_scale=softmax_scale, return_lse=return_lse, backend=plain_backend)
-        else:
+        elif impl == "blend_then_plain":
             res = _blend_then_plain(q, k, v, k_src, v_src, lock, softmax_scale, return_lse, plain_backend)
-        if return_lse:
-            res, res_lse = res
-            lse.copy_(res_lse)
-        out.copy_(res)
-    else:
-        res = reference.kv_lock_attention_torch(q, k, v, k_src, v_src, lock,
-                                                softmax_scale=softmax_scale, return_lse=return_lse)
+        else:
+            res = reference.kv_lock_attention_torch(q, k, v, k_src, v_src, lock,
+                                                    softmax_scale=softmax_scale, return_lse=return_lse)
         if return_lse:
             res, res_lse = res
             lse.copy_(res_lse)
@@ -731,9 +718,6 @@ def fused_attention_with_config(q, k, v, k_src, v_src, lock, config, *, softmax_
 # --------------------------------------------------------------------------------------
 # GPU report jobs (python -m kvlock_kernels.tools.gpu_report; see its job protocol)
 # --------------------------------------------------------------------------------------
-_REPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 GPU_REPORT_NOTES = [f"kv_lock_attention fp32: no GPU configs: {FP32_ON_GPU}"]
 
 
@@ -756,7 +740,7 @@ def gpu_report_jobs(arch: int, all_configs: bool) -> list:
 
 def _gpu_report_spec(dt_name, head_dim, config, has_lock):
     bm, bn, warps, stages = config
-    const = kernel_constexprs(_REPORT_DTYPES[dt_name], head_dim, has_lock=has_lock, store_lse=True)
+    const = kernel_constexprs(DTYPES_BY_NAME[dt_name], head_dim, has_lock=has_lock, store_lse=True)
     const.update(BLOCK_M=bm, BLOCK_N=bn)
     ptr = "*" + dt_name
     types = {n: ptr for n in ("Q", "K", "V", "KS", "VS", "OUT")}

@@ -34,15 +34,15 @@ from .._triton_helpers import cast_for_store
 from .._utils import device_guard, triton_interpreting, use_triton
 from .._validate import (
     LOCK_DTYPES,
+    check_backend,
     check_bool,
-    check_choice,
     check_int,
     check_lock,
     check_same_device,
     check_same_dtype,
     check_tensor,
 )
-from .configs import block_d
+from .configs import block_d, head_dim_tier
 
 __all__ = ["lock_kv", "LAUNCH_CONFIGS", "launch_config", "gpu_report_jobs"]
 
@@ -61,8 +61,7 @@ INTERPRETER_BLOCK_S = 16
 
 def launch_config(head_dim: int) -> tuple[int, int]:
     """(BLOCK_S, num_warps) of the GPU launch for a head dim."""
-    bd = block_d(head_dim)
-    return LAUNCH_CONFIGS["d64" if bd <= 64 else "d128" if bd <= 128 else "d256"]
+    return LAUNCH_CONFIGS[head_dim_tier(head_dim)]
 
 
 # --------------------------------------------------------------------------------------
@@ -337,8 +336,9 @@ def check_source(k_src, v_src, source_index, batch: int, tail: tuple, ref: torch
     return -1
 
 
-def check_backend(backend, dtype: torch.dtype, device: torch.device) -> None:
-    check_choice("backend", backend, ("auto", "triton", "torch"))
+def check_kernel_backend(backend, dtype: torch.dtype, device: torch.device) -> None:
+    """``backend`` is an option (``_validate.check_backend``) that can run ``dtype`` on ``device``."""
+    check_backend(backend)
     if backend == "triton" and dtype not in KERNEL_DTYPES:
         raise TypeError(f"backend='triton' needs float16, bfloat16 or float32 inputs, got {dtype} "
                         "(float64 runs with backend='torch')")
@@ -392,7 +392,7 @@ def lock_kv(k: torch.Tensor, v: torch.Tensor, lock: torch.Tensor, *, k_src: Opti
     check_tensor("lock", lock, dtypes=LOCK_DTYPES, layout="(S,), (1, S) or (B, S)")  # kind first: TypeError
     check_same_device(k=k, v=v, lock=lock, k_src=k_src, v_src=v_src)
     lock2 = lock_weights_2d(lock, B, S, check_inputs)
-    check_backend(backend, k.dtype, k.device)
+    check_kernel_backend(backend, k.dtype, k.device)
     if inplace and not torch.compiler.is_compiling() and k.numel() > 0 and k.data_ptr() == v.data_ptr():
         raise ValueError("inplace=True needs k and v in different memory (got the same storage offset)")
 

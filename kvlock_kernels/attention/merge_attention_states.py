@@ -36,6 +36,7 @@ from .._validate import (
     check_shape,
     check_tensor,
 )
+from .configs import block_d
 
 __all__ = ["merge_attention_states"]
 
@@ -191,7 +192,7 @@ def _launch_merge(grid, a, lse_a, b, lse_b, out_v, lse, H, S, num_s_blocks, D, b
         a.stride(0), a.stride(1), a.stride(2),
         b.stride(0), b.stride(1), b.stride(2),
         out_v.stride(0), out_v.stride(1), out_v.stride(2),
-        H, S, num_s_blocks, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_S=block_s,
+        H, S, num_s_blocks, HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_S=block_s,
         INTERPRET=triton_interpreting(), num_warps=warps,
     )
 
@@ -209,7 +210,7 @@ def gpu_report_jobs(arch: int, all_configs: bool) -> list[tuple]:
 
 def gpu_report_spec(arch: int, dtype_name: str, head_dim: int, config) -> dict:
     block_s, warps = config
-    const = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_S=block_s,
+    const = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_S=block_s,
                  INTERPRET=False)
     ptr = "*" + dtype_name
     types = dict(OA=ptr, OB=ptr, OUT=ptr, LA="*fp32", LB="*fp32", LOUT="*fp32")

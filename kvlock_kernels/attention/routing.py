@@ -36,15 +36,23 @@ the tile's tensor-core work at peak (4 BM BLOCK_N D FLOP).
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .._validate import check_choice, check_int, check_real, check_same_device, check_tensor, describe
-from .configs import configs_for
+from .._validate import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_same_device,
+    check_same_dtype,
+    check_softmax_scale,
+    check_tensor,
+    describe,
+)
+from .configs import arch_family, configs_for, dtype_name
 
 __all__ = [
     "PLAIN_BACKENDS", "PATHS", "Route", "DeviceProfile", "DEVICE_PROFILES", "CPU_PROFILE",
@@ -203,10 +211,6 @@ def _tier(head_dim: int) -> int:
     return 0 if head_dim <= 64 else (1 if head_dim <= 128 else 2)
 
 
-def _family(arch: int) -> str:
-    return "sm90" if arch >= 90 else "sm80"
-
-
 def sdpa_kernel_kind(dtype: torch.dtype, head_dim: int) -> str:
     """Which kernel ``F.scaled_dot_product_attention`` dispatches to on CUDA for a plain
     (maskless, non-causal) call: the first enabled backend in torch's priority order that
@@ -238,7 +242,7 @@ def efficiency(kernel: str, arch: int, dtype: torch.dtype, head_dim: int) -> flo
         return FP32_EFFICIENCY["triton" if kernel == "triton" else "sdpa"]
     if kernel == "sdpa":
         kernel = "sdpa_" + sdpa_kernel_kind(dtype, head_dim)
-    return EFFICIENCY[(_family(arch), kernel)][_tier(head_dim)]
+    return EFFICIENCY[(arch_family(arch), kernel)][_tier(head_dim)]
 
 
 # --------------------------------------------------------------------------------------
@@ -301,11 +305,7 @@ def fused_blocks(head_dim, dtype, arch) -> tuple[Optional[int], Optional[int], s
     head dim, dtype and arch, from ``attention.configs``; (None, None, why) where the
     table has no config (the fused kernel does not run there: fp32, head dim > 128 on
     sm_80)."""
-    return _fused_blocks(int(head_dim), _dtype_key(dtype), int(arch))
-
-
-def _dtype_key(dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    return _fused_blocks(int(head_dim), dtype_name(dtype), int(arch))
 
 
 @functools.lru_cache(maxsize=None)
@@ -409,8 +409,7 @@ def plain_attention(q, k, v, *, softmax_scale=None, return_lse: bool = False, ba
         check_tensor(name, t, ndim=4, layout="(B, S, H, D)")
     check_same_device(q=q, k=k, v=v)
     for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        check_same_dtype(name, t, "q", q)
     B, Sq, Hq, D = q.shape
     if tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"v must have k's shape (B, Skv, Hkv, D)={tuple(k.shape)}, got {tuple(v.shape)}")
@@ -419,12 +418,8 @@ def plain_attention(q, k, v, *, softmax_scale=None, return_lse: bool = False, ba
     Hkv = k.shape[2]
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"number of query heads ({Hq}) must be divisible by number of KV heads ({Hkv})")
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {describe(return_lse)}")
-    if softmax_scale is None:
-        scale = 1.0 / math.sqrt(D)
-    else:
-        scale = check_real("softmax_scale", softmax_scale, low=0.0, low_open=True)
+    check_bool("return_lse", return_lse)
+    scale = check_softmax_scale(softmax_scale, D)
     usable = plain_attention_backends(q.device, q.dtype, D)
     if backend is None:
         backend = usable[0]
@@ -526,7 +521,7 @@ def choose_path(batch, seqlen_q, seqlen_kv, heads_q, heads_kv, head_dim, dtype, 
             check_choice("available", b, PLAIN_BACKENDS)
         if "sdpa" not in available:
             available += ("sdpa",)
-        if dtype not in _HALF or head_dim % 8 or head_dim > 256:
+        if not _fa_supports(dtype, head_dim):
             available = tuple(b for b in available if b == "sdpa")
     on_gpu = device.type == "cuda" or modelled
     sdpa_kind = sdpa_kernel_kind(dtype, head_dim) if on_gpu else "cpu"
@@ -565,7 +560,7 @@ def _choose_cached(batch, seqlen_q, seqlen_kv, heads_q, heads_kv, head_dim, dtyp
     intensity = flops / plain_bytes(batch, seqlen_q, seqlen_kv, heads_q, heads_kv, head_dim, dtype)
     ridge = _peak(prof, dtype) / prof.bandwidth
     regime = "compute-bound" if intensity > ridge else "memory-bound"
-    head = (f"sm_{prof.arch} {prof.name} {_dtype_key(dtype)} d{head_dim}, {regime} ({intensity:.0f} FLOP/B vs "
+    head = (f"sm_{prof.arch} {prof.name} {dtype_name(dtype)} d{head_dim}, {regime} ({intensity:.0f} FLOP/B vs "
             f"ridge {ridge:.0f}): ")
     fused_txt = (f"fused {fused * 1e3:.3f} ms (worst case over lock values: every key block blended on load, "
                  f"BLOCK_M {bm} from {tile_src})")

@@ -19,17 +19,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .lock_kv import blend
+from .lock_kv import blend, lock_as_bshd
 
 __all__ = ["kv_lock_attention", "kv_lock_attention_torch", "blend_differentiable"]
-
-
-def _blend_values(x, x_src, w, out_dtype):
-    if torch.float64 in (x.dtype, x_src.dtype, w.dtype):
-        xd, sd, wd = x.double(), x_src.double(), w.double()
-        out = torch.where(wd == 0, xd, torch.where(wd == 1, sd, xd + wd * (sd - xd)))
-        return out.to(out_dtype or x.dtype)
-    return blend(x, x_src, w, out_dtype)
 
 
 class _Blend(torch.autograd.Function):
@@ -37,7 +29,7 @@ class _Blend(torch.autograd.Function):
 
     @staticmethod
     def forward(x, x_src, w, out_dtype):
-        return _blend_values(x, x_src, w, out_dtype)
+        return blend(x, x_src, w, out_dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -66,14 +58,6 @@ def blend_differentiable(x: torch.Tensor, x_src: torch.Tensor, w: torch.Tensor,
     return _Blend.apply(x, x_src, w, out_dtype)
 
 
-def _lock_weights(lock: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(S,), (1, S) or (B, S) -> (B|1, S, 1, 1), fp32 (float64 for float64 ``like``)."""
-    if lock.dim() == 1:
-        lock = lock[None]
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return lock.to(dtype)[:, :, None, None]
-
-
 def _to_bshd(t: Optional[torch.Tensor], layout: str) -> Optional[torch.Tensor]:
     if t is None or layout == "bshd":
         return t
@@ -96,9 +80,10 @@ def kv_lock_attention(q, k, v, k_src=None, v_src=None, lock=None, *, softmax_sca
     dtype = q.dtype
     work = (torch.float64 if dtype == torch.float64 else torch.float32) if upcast else dtype
     if lock is not None and k_src is not None:
-        w = _lock_weights(lock, k)
+        w_dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
+        w = lock_as_bshd(lock, w_dtype)
         # upcast: the blend stays fp32 (ground truth); otherwise rounded to the dtype.
-        blend_dtype = (torch.float64 if k.dtype == torch.float64 else torch.float32) if upcast else None
+        blend_dtype = w_dtype if upcast else None
         k, v = blend_differentiable(k, k_src, w, blend_dtype), blend_differentiable(v, v_src, w, blend_dtype)
     group = q.shape[2] // k.shape[2]
     k = k.repeat_interleave(group, dim=2)
@@ -128,7 +113,7 @@ def kv_lock_attention_torch(q, k, v, k_src=None, v_src=None, lock=None, *, softm
     ``kvlock_kernels::kv_lock_attention`` op runs this function).
     """
     if lock is not None and k_src is not None:
-        w = _lock_weights(lock, k)
+        w = lock_as_bshd(lock, torch.float64 if k.dtype == torch.float64 else torch.float32)
         k, v = blend_differentiable(k, k_src, w), blend_differentiable(v, v_src, w)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

@@ -54,8 +54,6 @@ from dataclasses import dataclass, field
 
 # Max dynamic shared memory per block (opt-in), bytes.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-DTYPE_NAMES = ("bf16", "fp16", "fp32")
-DEFAULT_HEAD_DIMS = (64, 128)
 ALL_HEAD_DIMS = (64, 72, 80, 96, 128, 256)
 
 # The kernel modules asked for jobs, in report order.
