@@ -63,15 +63,6 @@ def synthetic_video(frames: int, height: int, width: int, channels: int = 3, see
     return video, mask
 
 
-def tiny_wan(channels: int):
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=24,
-                                 in_channels=channels, out_channels=channels, text_dim=32, freq_dim=32, ffn_dim=64,
-                                 num_layers=2, rope_max_seq_len=64).eval()
-
-
 def rms(x: torch.Tensor, where: torch.Tensor) -> float:
     """Root mean square of x (1, C, F, H, W) over the latent positions where `where` (F, H, W) is True."""
     sel = where[None, None].expand_as(x)
@@ -108,12 +99,13 @@ def run_tiny(args):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from kvlock_kernels.edit.outputs import plot_schedule
+    from kvlock_kernels.integrations.diffusers.testing import tiny_model
 
     channels, size = 4, 16  # 3 latent frames of 16 x 16
     video, mask = synthetic_video(frames=3, height=size, width=size, channels=channels)
     source = video[None]  # already "latent": (1, C, F, H, W)
     other = torch.flip(source, dims=[4])  # a different source: the same video mirrored left-right
-    model = tiny_wan(channels)
+    model = tiny_model("wan", in_channels=channels, out_channels=channels, rope_max_seq_len=64)
     g = torch.Generator().manual_seed(0)
     prompt, negative = torch.randn(1, 7, 32, generator=g), torch.randn(1, 7, 32, generator=g)
 

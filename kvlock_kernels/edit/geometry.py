@@ -33,9 +33,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..control.masks import latent_frames
 from .errors import EditInputError
 
-__all__ = ["ModelConstraints", "FitPlan", "plan_fit", "resize_mask", "latent_shape"]
+__all__ = ["ModelConstraints", "FitPlan", "plan_fit", "resize_mask"]
+
+
+def config_getter(config):
+    """``get(key, default)`` over a config that is a dict (or diffusers FrozenDict) or an object with attributes."""
+    return config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
 
 
 @dataclass(frozen=True)
@@ -73,8 +79,7 @@ class ModelConstraints:
     def from_configs(cls, temporal: int, spatial: int, transformer_config) -> "ModelConstraints":
         """From the VAE's temporal / spatial factors and the transformer's config (``patch_size``
         as Wan's (pt, ph, pw) or CogVideoX's int with ``patch_size_t``)."""
-        get = transformer_config.get if hasattr(transformer_config, "get") else (
-            lambda k, d=None: getattr(transformer_config, k, d))
+        get = config_getter(transformer_config)
         p = get("patch_size", (1, 2, 2))
         if isinstance(p, (list, tuple)):
             patch = tuple(int(x) for x in p)
@@ -186,7 +191,7 @@ def plan_fit(source_frames: int, source_height: int, source_width: int, constrai
     if wanted > source_frames:
         notes.append(f"{wanted} frames were asked for but the video has {source_frames}: using {source_frames}")
         wanted = source_frames
-    latent = 1 + (wanted - 1) // c.temporal
+    latent = latent_frames(wanted, c.temporal)
     latent -= latent % c.latent_frame_multiple
     if latent < 1:
         need = 1 + c.temporal * (c.latent_frame_multiple - 1)
@@ -228,9 +233,3 @@ def plan_fit(source_frames: int, source_height: int, source_width: int, constrai
     head = (f"video {source_frames} frames {source_height}x{source_width} (HxW) -> {n} frames {th_r}x{tw_r}")
     message = head + (": " + "; ".join(notes) if notes else ": unchanged")
     return FitPlan(source_frames, source_height, source_width, n, th_r, tw_r, rh, rw, top, left, message)
-
-
-def latent_shape(plan: FitPlan, constraints: ModelConstraints) -> tuple:
-    """(T, h, w) latent frames and size the VAE makes of the planned video."""
-    st, sh, sw = constraints.vae_stride
-    return (1 + (plan.frames - 1) // st, plan.height // sh, plan.width // sw)

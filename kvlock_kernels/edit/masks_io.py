@@ -139,9 +139,6 @@ def read_mask(path: str, *, max_frames: Optional[int] = None, notes: Optional[Li
         m = mask_from_array(arr, name=f"mask {path!r}", notes=notes)
         return m[:max_frames] if max_frames else m
     frames, _ = read_raw_frames(path, max_frames=max_frames, what="mask", palette_as_mask=True)
-    shapes = {f.shape[:2] for f in frames}
-    if len(shapes) > 1:
-        raise EditInputError(f"the frames of mask {path!r} have different sizes: {sorted(shapes)}")
     single = [(_reduce_channels(f) if f.ndim == 3 else f) for f in frames]
     return torch.from_numpy(binarize_mask(np.stack(single), name=f"mask {path!r}", notes=notes))
 

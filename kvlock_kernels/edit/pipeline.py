@@ -55,7 +55,7 @@ import torch
 
 from ..control.scheduler import KVLockScheduler
 from .errors import EditInputError, KVLockEditWarning, UnsupportedModelError
-from .geometry import FitPlan, ModelConstraints, latent_shape, plan_fit
+from .geometry import FitPlan, ModelConstraints, config_getter, plan_fit
 from .masks_io import box_mask, dilate_mask, fit_mask_to_video, mask_from_array, parse_box, read_mask
 from .metrics import fidelity as fidelity_metrics
 from .video_io import DEFAULT_FPS, Video, read_video
@@ -71,10 +71,6 @@ SOURCES = ("branch", "inversion")
 # ----------------------------------------------------------------------------------------
 # What can be edited
 # ----------------------------------------------------------------------------------------
-def _config_getter(config):
-    return config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
-
-
 def check_scheduler_config(name: str, config, prediction: str = "flow") -> str:
     """Refuse (UnsupportedModelError) a scheduler, from its class name and config alone, that does
     not fit the family's loop; return a short description of one that does.
@@ -84,7 +80,7 @@ def check_scheduler_config(name: str, config, prediction: str = "flow") -> str:
         config: its config (a dict, a diffusers FrozenDict or an object with attributes).
         prediction: "flow" (Wan: flow matching) or "v_prediction" (CogVideoX: DDPM v-prediction).
     """
-    get = _config_getter(config or {})
+    get = config_getter(config or {})
     if prediction == "v_prediction":
         if get("prediction_type", None) != "v_prediction":
             raise UnsupportedModelError(
@@ -204,9 +200,9 @@ def check_pipeline(pipe) -> Dict[str, Any]:
         raise UnsupportedModelError(
             f"{name}'s transformer takes {in_ch} input channels but the VAE makes {channels}-channel latents: "
             f"{IMAGE_CONDITIONED_WHY}")
-    cfg = getattr(pipe, "config", {}) or {}
-    boundary = cfg.get("boundary_ratio", None) if hasattr(cfg, "get") else None
-    expand = bool(cfg.get("expand_timesteps", False)) if hasattr(cfg, "get") else False
+    get = config_getter(getattr(pipe, "config", {}) or {})
+    boundary = get("boundary_ratio", None)
+    expand = bool(get("expand_timesteps", False))
     prediction = adapter.prediction
     sched = _check_scheduler(pipe.scheduler, prediction)
     return {"pipeline": name, "family": family, "transformer": type(transformer).__name__,
@@ -641,9 +637,9 @@ class KVLockVideoEditor:
             latents = self.encode_video(source)
             bar.update(1)
         bar.close()
-        from ..control.masks import pixel_mask_to_latent
+        from ..control.masks import latent_size, pixel_mask_to_latent
 
-        expected = latent_shape(plan, self.constraints)
+        expected = latent_size(plan.frames, plan.height, plan.width, self.constraints.vae_stride)
         latent_mask = pixel_mask_to_latent(pixel_mask.to(device), vae_stride=self.constraints.vae_stride).bool()
         if tuple(latents.shape[2:]) != expected or tuple(latent_mask.shape) != tuple(latents.shape[2:]):
             raise RuntimeError(f"latent shapes disagree: VAE {tuple(latents.shape[2:])}, planned {expected}, "

@@ -40,6 +40,16 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
+def _text_encoder(seed: int, vocab_size: int, config_cls, model_cls):
+    """A one-layer random-weight UMT5 / T5 encoder (``config_cls``, ``model_cls``) of width TINY_TEXT_DIM."""
+    import torch
+
+    torch.manual_seed(seed)
+    return model_cls(config_cls(vocab_size=vocab_size, d_model=TINY_TEXT_DIM, d_kv=8, d_ff=32, num_layers=1,
+                                num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                decoder_start_token_id=0)).eval()
+
+
 def _transformer(seed: int, channels: int, layers: int = 2):
     import torch
     from diffusers import WanTransformer3DModel
@@ -77,10 +87,7 @@ def build_tiny_wan(path: str, *, layout: str = "wan2.1", scheduler: str = "unipc
     if layout not in ("wan2.1", "wan2.2", "wan2.2-ti2v"):
         raise ValueError(f"layout must be 'wan2.1', 'wan2.2' or 'wan2.2-ti2v', got {layout!r}")
     tokenizer = _tokenizer()
-    torch.manual_seed(seed)
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=TINY_TEXT_DIM, d_kv=8, d_ff=32,
-                                               num_layers=1, num_heads=4, relative_attention_num_buckets=8,
-                                               pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
+    text_encoder = _text_encoder(seed, len(tokenizer), UMT5Config, UMT5EncoderModel)
     torch.manual_seed(seed + 1)
     if layout == "wan2.2-ti2v":
         channels = 48
@@ -122,10 +129,7 @@ def build_tiny_cogvideox(path: str, *, seed: int = 0, rotary: bool = True, max_t
     from transformers import T5Config, T5EncoderModel
 
     tokenizer = _tokenizer()
-    torch.manual_seed(seed)
-    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=TINY_TEXT_DIM, d_kv=8, d_ff=32,
-                                           num_layers=1, num_heads=4, relative_attention_num_buckets=8,
-                                           pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
+    text_encoder = _text_encoder(seed, len(tokenizer), T5Config, T5EncoderModel)
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLCogVideoX(in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
                                  up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),

@@ -167,25 +167,28 @@ def read_raw_frames(path: str, *, max_frames: Optional[int] = None, what: str = 
     ``palette_as_mask``: palette images give ``index != 0``).
 
     Returns:
-        (frames, fps): a list of (H, W) or (H, W, C) arrays and the frame rate (None for
-        images and folders).
+        (frames, fps): a list of (H, W) or (H, W, C) arrays, all of one size, and the frame
+        rate (None for images and folders).
+    Raises:
+        EditInputError when the frames have different sizes (e.g. a folder of mixed images).
     """
     _check_exists(path, what)
     path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
     if os.path.isdir(path):
         files = list_frame_files(path)
         if max_frames is not None:
             files = files[:max_frames]
-        return [_read_image(f, palette_as_mask) for f in files], None
-    ext = os.path.splitext(path)[1].lower()
-    if ext in IMAGE_EXTENSIONS:
+        frames, fps = [_read_image(f, palette_as_mask) for f in files], None
+    elif ext in IMAGE_EXTENSIONS:
         return [_read_image(path, palette_as_mask)], None
-    if ext == ".gif":
-        frames, fps = _read_gif(path, max_frames)
     else:
-        frames, fps = _read_ffmpeg(path, max_frames)
-    if not frames:
-        raise EditInputError(f"{path!r} has no frames")
+        frames, fps = _read_gif(path, max_frames) if ext == ".gif" else _read_ffmpeg(path, max_frames)
+        if not frames:
+            raise EditInputError(f"{path!r} has no frames")
+    shapes = {f.shape[:2] for f in frames}
+    if len(shapes) > 1:
+        raise EditInputError(f"the frames of {what} {path!r} have different sizes: {sorted(shapes)}")
     return frames, fps
 
 
@@ -223,9 +226,6 @@ def read_video(path: str, *, max_frames: Optional[int] = None, fps: Optional[flo
         raise EditInputError(f"fps must be a positive number, got {fps!r}")
     frames, file_fps = read_raw_frames(path, max_frames=max_frames, what="video")
     path = os.fspath(path)
-    shapes = {f.shape[:2] for f in frames}
-    if len(shapes) > 1:
-        raise EditInputError(f"the frames of {path!r} have different sizes: {sorted(shapes)}")
     rgb = np.stack([_to_rgb_uint8(f, path) for f in frames])
     return Video(rgb, float(fps or file_fps or DEFAULT_FPS), path)
 
