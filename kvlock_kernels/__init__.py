@@ -40,7 +40,6 @@ from .control.scheduler import KVLockScheduler
 # (The package attributes of the op names are the functions, so the modules are taken
 # from sys.modules.)
 for _name, _where in (("kv_lock_attention", "attention"), ("merge_attention_states", "attention"),
-                      ("lock_kv", "attention"),
                       ("branch_variance", "control"), ("cfg_zero_star_scale", "control"),
                       ("kvlock_guidance", "control"), ("masks", "control"), ("scheduler", "control"),
                       ("ring_buffer", "cache")):

@@ -31,9 +31,5 @@ __all__ = [
     "supported_transformers",
 ]
 
-
-def __getattr__(name):
-    # The supported class names come from the adapter table (importing diffusers on use).
-    if name == "SUPPORTED_TRANSFORMERS":
-        return tuple(supported_transformers())
-    raise AttributeError(name)
+# The supported class names, from the adapter table (no diffusers import).
+SUPPORTED_TRANSFORMERS = tuple(supported_transformers())

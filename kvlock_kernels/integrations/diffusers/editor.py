@@ -31,7 +31,7 @@ from ...control.masks import latent_mask_to_tokens
 from ...control.scheduler import KVLockScheduler
 from .adapters import adapter_for
 from .install import _unwrap, check_attention, installed, set_plan
-from .parallel import cp_degree
+from .parallel import cp_config, cp_degree
 from .plan import SOURCE_INDEX, KVLockPlan
 
 __all__ = ["KVLockEditor"]
@@ -193,7 +193,8 @@ class KVLockEditor:
         return [m for m in (self.transformer, self.transformer_2) if m is not None]
 
     def _expert(self, t) -> torch.nn.Module:
-        """WanPipeline's rule: the high-noise expert while t >= boundary."""
+        """WanPipeline's rule: the high-noise expert while t >= boundary (t: a number, or a
+        0-dim tensor, read on the host)."""
         if self.transformer_2 is None:
             return self.transformer
         boundary = self.boundary_ratio * self.noise_scheduler.config.num_train_timesteps
@@ -218,8 +219,7 @@ class KVLockEditor:
         grid = self.adapter.video_grid(self.transformer, self.adapter.to_model_layout(source_latents))
         S = math.prod(grid)
         _, attn = self.adapter.attention_modules(self.transformer)[0]
-        pc = getattr(attn.processor, "_parallel_config", None)
-        cp = None if pc is None else getattr(pc, "context_parallel_config", None)
+        cp = cp_config(attn.processor)
         if cp is not None:
             S //= cp_degree(cp)
         heads = attn.heads
@@ -288,8 +288,6 @@ class KVLockEditor:
             and one dict per step with step, sigma2, alpha, omega, s_star (floats, read
             from the device once, at the end) and expert (0, or 1 for transformer_2).
         """
-        from tqdm.auto import tqdm
-
         if not isinstance(source_latents, torch.Tensor):
             raise TypeError(f"source_latents must be a torch.Tensor (1, C, F, H, W), got {describe(source_latents)}")
         if not source_latents.is_floating_point():
@@ -344,7 +342,11 @@ class KVLockEditor:
         ctx = self.adapter.loop_context(self.transformer, source_latents, **family_inputs)
         src_embeds = negative_prompt_embeds if source_prompt_embeds is None else source_prompt_embeds
         branch_inputs = (prompt_kwargs, negative_prompt_kwargs, source_prompt_kwargs)
-        self._branch_kwargs(*branch_inputs, with_source=True)  # checked before anything runs
+        branch_kwargs = self._branch_kwargs(*branch_inputs, with_source=True)  # checked before anything runs
+        src_kwargs = None
+        if self.source == "inversion":  # the source runs alone (inversion); the edit's batch has no source entry
+            src_kwargs = {name: value[SOURCE_INDEX:SOURCE_INDEX + 1] for name, value in branch_kwargs.items()}
+            branch_kwargs = self._branch_kwargs(*branch_inputs, with_source=False)
         fg_mask = fg_mask.to(device)
         # The mask is checked (one host read) here, once; per step nothing is read back.
         tokens = latent_mask_to_tokens(fg_mask, patch=self.adapter.patch_size(self.transformer), check_values=False)
@@ -370,14 +372,16 @@ class KVLockEditor:
                 stack.enter_context(installed(model, attention=self.attention,
                                               kernel_backend=self.backend if self.attention == "fused" else "auto"))
             return self._run(source_latents, fg_mask, tokens, prompt_embeds, negative_prompt_embeds, src_embeds,
-                             num_steps, timesteps, latents, eps, kv_lock, ctx, tqdm, branch_inputs)
+                             num_steps, timesteps, latents, eps, kv_lock, ctx, branch_kwargs, src_kwargs)
 
     def _set_plan(self, plan: KVLockPlan) -> None:
         for model in self.experts:
             set_plan(model, plan)
 
     def _run(self, x0, fg_mask, tokens, prompt_embeds, negative_prompt_embeds, src_embeds, num_steps, timesteps,
-             latents, eps, kv_lock, ctx, tqdm, branch_inputs):
+             latents, eps, kv_lock, ctx, branch_kwargs, src_kwargs):
+        from tqdm.auto import tqdm
+
         sched = self.noise_scheduler
         device = x0.device
         flow = self.loop == "flow"
@@ -387,19 +391,18 @@ class KVLockEditor:
             abar = sched.alphas_cumprod.to(device=device, dtype=torch.float32)
         cache = None
         if self.source == "inversion":
-            cache = self._invert(x0, src_embeds, timesteps, ctx, branch_inputs)
+            cache = self._invert(x0, src_embeds, timesteps, ctx, src_kwargs)
             embeds = torch.cat([prompt_embeds, negative_prompt_embeds])
-            branch_kwargs = self._branch_kwargs(*branch_inputs, with_source=False)
         else:
             embeds = torch.cat(_with_source(src_embeds, [prompt_embeds, negative_prompt_embeds]))
-            branch_kwargs = self._branch_kwargs(*branch_inputs, with_source=True)
         batch = embeds.shape[0]
         layers = len(self.adapter.attention_modules(self.transformer))
         s_stars, experts = [], []
         old_pred = None
+        ts = timesteps.tolist()  # one host read: the expert switch and abar's index need the values
         for k in tqdm(range(num_steps), disable=not self.progress, desc="KV-Lock edit"):
             t = timesteps[k]
-            model = self._expert(t)
+            model = self._expert(ts[k])
             alpha, omega = kv_lock.controls(k)
             if cache is None:
                 plan = KVLockPlan.branch(tokens, alpha, batch_size=batch, check_inputs=False)
@@ -414,7 +417,7 @@ class KVLockEditor:
                 scale, level = None, sigma
                 z_src = (1 - sigma) * x0 + sigma * eps
             else:
-                a = abar[int(t)]
+                a = abar[int(ts[k])]
                 scale, level = a.sqrt(), (1 - a).sqrt()
                 z_src = sched.add_noise(x0, eps, t.reshape(1))
             targets = [latents, latents]
@@ -450,21 +453,21 @@ class KVLockEditor:
             return latents.float(), old_pred
         return sched.step(guided, t, latents, return_dict=False)[0].float(), None
 
-    def _invert(self, x0, src_embeds, timesteps, ctx, branch_inputs) -> KVRingBuffer:
+    def _invert(self, x0, src_embeds, timesteps, ctx, src_kwargs) -> KVRingBuffer:
         """Inversion from the clean source up the noise levels (Euler in sigma for flow
         matching, DDIM for v-prediction), capturing each step's self-attention K/V of the
-        source under (step, layer) with the expert that denoises that step."""
+        source under (step, layer) with the expert that denoises that step.
+        ``src_kwargs``: the source branch's per-branch model inputs (batch 1)."""
         sched = self.noise_scheduler
         num_steps = len(timesteps)
         layers = len(self.adapter.attention_modules(self.transformer))
         S, H, D = self._kv_shape(x0)
         cache = KVRingBuffer(self.cache_capacity or 2 * layers, (S, H, D), self.transformer.dtype, x0.device,
                              host_spill=True)
-        src_kwargs = self._branch_kwargs(*branch_inputs, with_source=True)
-        src_kwargs = {name: value[SOURCE_INDEX:SOURCE_INDEX + 1] for name, value in src_kwargs.items()}
         device = x0.device
         self._set_plan(KVLockPlan.off())
         z = x0
+        ts = timesteps.tolist()  # one host read: the expert switch and abar's index need the values
         if self.loop == "flow":
             sigmas = sched.sigmas.to(device=device, dtype=torch.float32)
             t_clean = sigmas[num_steps] * sched.config.num_train_timesteps
@@ -472,7 +475,7 @@ class KVLockEditor:
             for k in reversed(range(num_steps)):
                 z = z + (sigmas[k] - sigmas[k + 1]) * v
                 self._set_plan(KVLockPlan.capture(cache, k))
-                v = self._predict(self._expert(timesteps[k]), z, timesteps[k], src_embeds, ctx, src_kwargs)
+                v = self._predict(self._expert(ts[k]), z, timesteps[k], src_embeds, ctx, src_kwargs)
         else:
             abar = sched.alphas_cumprod.to(device=device, dtype=torch.float32)
             t_cur = torch.zeros((), dtype=timesteps.dtype, device=device)
@@ -480,12 +483,12 @@ class KVLockEditor:
             v = self._predict(self._expert(t_cur), sched.scale_model_input(z, t_cur), t_cur, src_embeds, ctx,
                               src_kwargs)
             for k in reversed(range(num_steps)):
-                a_next = abar[int(timesteps[k])]
+                a_next = abar[int(ts[k])]
                 x0_hat = a_cur.sqrt() * z - (1 - a_cur).sqrt() * v
                 eps_hat = (1 - a_cur).sqrt() * z + a_cur.sqrt() * v
                 z = a_next.sqrt() * x0_hat + (1 - a_next).sqrt() * eps_hat
                 self._set_plan(KVLockPlan.capture(cache, k))
-                v = self._predict(self._expert(timesteps[k]), sched.scale_model_input(z, timesteps[k]), timesteps[k],
+                v = self._predict(self._expert(ts[k]), sched.scale_model_input(z, timesteps[k]), timesteps[k],
                                   src_embeds, ctx, src_kwargs)
                 a_cur = a_next
         self._set_plan(KVLockPlan.off())

@@ -30,7 +30,7 @@ import torch
 
 from ..._validate import check_choice, describe
 from .adapters import adapter_for
-from .parallel import check_servable
+from .parallel import check_servable, cp_config
 from .plan import KVLockCall, KVLockPlan, PlanLike
 from .processors import KVLockProcessor
 
@@ -128,9 +128,7 @@ def _check_call(transformer, install: _Install, hidden_states) -> None:
         return
     adapter = install.adapter
     first = install.processors[0] if install.processors else None
-    pc = getattr(first, "_parallel_config", None)
-    cp = None if pc is None else getattr(pc, "context_parallel_config", None)
-    check_servable(cp, family=adapter.family, supports_cp=adapter.supports_context_parallel,
+    check_servable(cp_config(first), family=adapter.family, supports_cp=adapter.supports_context_parallel,
                    attention=install.attention, processor_backend=getattr(first, "_attention_backend", None),
                    heads=install.heads)
     if plan.uses_cache and torch.compiler.is_compiling():

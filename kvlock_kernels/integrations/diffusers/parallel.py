@@ -39,11 +39,18 @@ import torch.distributed as dist
 from ...attention.kv_lock_attention import kv_lock_attention
 from ...attention.merge_attention_states import merge_attention_states
 
-__all__ = ["cp_degree", "cp_rank", "shard_tokens", "check_servable", "ulysses_kv_lock_attention",
+__all__ = ["cp_config", "cp_degree", "cp_rank", "shard_tokens", "check_servable", "ulysses_kv_lock_attention",
            "ring_kv_lock_attention", "context_parallel_kv_lock_attention"]
 
 # Context-parallel backends of diffusers that cannot return the LSE that ring attention merges with.
 _NO_LSE_BACKENDS = ("native", "_native_npu")
+
+
+def cp_config(processor):
+    """The context-parallel config a processor's ``_parallel_config`` (set by diffusers'
+    ``enable_parallelism``) carries, or None (also for ``processor`` None)."""
+    pc = getattr(processor, "_parallel_config", None)
+    return None if pc is None else getattr(pc, "context_parallel_config", None)
 
 
 def cp_degree(cp) -> int:
@@ -167,8 +174,7 @@ def ulysses_kv_lock_attention(q, k, v, k_src, v_src, lock, *, group, world: int,
     else:
         k_src, v_src = (_all_to_all_heads(t, group, world) for t in (k_src, v_src))
         lock = torch.cat(_all_gather(lock, group, world), dim=1)
-        out = kv_lock_attention(q, k, v, k_src.expand(q.shape[0], -1, -1, -1), v_src.expand(q.shape[0], -1, -1, -1),
-                                lock, backend=backend, check_inputs=False)
+        out = kv_lock_attention(q, k, v, k_src, v_src, lock, backend=backend, check_inputs=False)
     return _all_to_all_sequence(out, group, world)
 
 
@@ -186,9 +192,8 @@ def ring_kv_lock_attention(q, k, v, k_src, v_src, lock, *, group, world: int, ra
         if lock is None:
             o, s = kv_lock_attention(q, ks[i], vs[i], return_lse=True, backend=backend)
         else:
-            o, s = kv_lock_attention(q, ks[i], vs[i], kss[i].expand(q.shape[0], -1, -1, -1),
-                                     vss[i].expand(q.shape[0], -1, -1, -1), locks[i], return_lse=True,
-                                     backend=backend, check_inputs=False)
+            o, s = kv_lock_attention(q, ks[i], vs[i], kss[i], vss[i], locks[i], return_lse=True, backend=backend,
+                                     check_inputs=False)
         out, lse = (o, s) if out is None else merge_attention_states(out, lse, o, s)
     return out
 

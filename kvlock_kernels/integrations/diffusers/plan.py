@@ -27,7 +27,6 @@ editor builds its batch from it and the processors read it from here.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -194,7 +193,8 @@ class KVLockPlan:
 
 
 def _weights(token_mask, alpha, check_inputs) -> torch.Tensor:
-    check_bool("check_inputs", check_inputs)
+    """``lock_weights`` (which checks check_inputs, the mask's values and alpha) of a (L,)
+    token mask."""
     if not isinstance(token_mask, torch.Tensor):
         raise TypeError(f"token_mask must be a torch.Tensor (L,) (e.g. torch.from_numpy(mask)), "
                         f"got {describe(token_mask)}")
@@ -202,8 +202,6 @@ def _weights(token_mask, alpha, check_inputs) -> torch.Tensor:
         raise ValueError(f"token_mask must be (L,): one value per video token, got shape {tuple(token_mask.shape)} "
                          "(a latent (F, H, W) mask becomes one with masks.latent_mask_to_tokens(mask, patch) and "
                          "the patch of adapter_for(transformer).patch_size(transformer))")
-    if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
-        alpha = float(alpha)
     return lock_weights(token_mask, alpha, check_inputs=check_inputs)
 
 

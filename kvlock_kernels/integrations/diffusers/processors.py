@@ -138,11 +138,6 @@ class KVLockProcessor:
             raise ValueError("attention='fused' (kv_lock_attention) takes no attention mask; "
                              "use enable_kvlock(..., attention='diffusers')")
 
-    def _cp(self):
-        """The context-parallel config of this call, or None."""
-        pc = self._parallel_config
-        return None if pc is None else getattr(pc, "context_parallel_config", None)
-
     # ------------------------------------------------------------------ the video segment
     def video_epilogue(self, q, k, v, *, heads: int, norm_q: NormSpec, norm_k: NormSpec, rope: str = "none",
                        cos=None, sin=None, rope_fn=None):
@@ -175,7 +170,7 @@ class KVLockProcessor:
         tokens; under context parallelism the rank's shard, cut as diffusers cuts the
         sequence."""
         lock = plan.lock
-        cp = self._cp()
+        cp = parallel.cp_config(self)
         if lock.shape[1] != num_video:
             lock = parallel.shard_tokens(lock, 1, cp, name="lock weights", expected=num_video, layer=self.layer)
         if plan.source == "branch":
@@ -199,11 +194,10 @@ class KVLockProcessor:
         ``dispatch_attention_fn`` with the module's backend and parallel config; or
         KV-Lock's fused kernel.  [video_start, video_start + video_len) are the video
         tokens (the locked ones) inside the sequence."""
-        pc = self._parallel_config
         if self._install.attention == "diffusers":
             dispatch = _dispatch_fn(self._install.dispatch_module.module)
             return dispatch(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                            backend=self._attention_backend, parallel_config=pc)
+                            backend=self._attention_backend, parallel_config=self._parallel_config)
         plan = self.plan
         lock = k_src = v_src = None
         if plan.mode == "lock":
@@ -217,15 +211,15 @@ class KVLockProcessor:
             elif video_start or tail:
                 k_src = torch.cat([k[:1, :video_start], k_src.to(k.dtype), k[:1, video_start + video_len:]], dim=1)
                 v_src = torch.cat([v[:1, :video_start], v_src.to(v.dtype), v[:1, video_start + video_len:]], dim=1)
-        cp = None if pc is None else getattr(pc, "context_parallel_config", None)
+        cp = parallel.cp_config(self)
         backend = self._install.kernel_backend
         if cp is not None:
             out = parallel.context_parallel_kv_lock_attention(q, k, v, k_src, v_src, lock, cp, backend=backend)
         elif lock is None:
             out = kv_lock_attention(q, k, v, backend=backend)
         else:
-            # Lock weights are built in [0, 1] by the plan: no host-side value check.
-            out = kv_lock_attention(q, k, v, k_src.expand(q.shape[0], -1, -1, -1),
-                                    v_src.expand(q.shape[0], -1, -1, -1), lock, backend=backend, check_inputs=False)
+            # Lock weights are built in [0, 1] by the plan: no host-side value check.  The batch-1
+            # source is expanded by the op (an in-batch one is then read in place).
+            out = kv_lock_attention(q, k, v, k_src, v_src, lock, backend=backend, check_inputs=False)
         self.release_source(plan)
         return out

@@ -6,7 +6,7 @@ integration
 - where the self-attention modules are (the ones KV-Lock patches, in layer order) and which
   KV-Lock processor reproduces their stock processor,
 - the token layout: how the video tokens are counted from the model input (per
-  resolution), where text tokens sit in a joint sequence ("first", "last", "none"),
+  resolution),
 - how its sampling loop differs: flow matching or DDPM v-prediction, the latent layout of
   its input, extra model inputs (image conditioning, per-token timesteps, ...).
 """
@@ -39,8 +39,6 @@ class ModelAdapter(ABC):
     model_class_paths: tuple = ()
     #: "module:Class" paths of stock processors KV-Lock may be installed over / re-install over
     stock_processor_paths: tuple = ()
-    #: where text tokens sit in the self-attention sequence: "none", "first", "last"
-    text_layout: str = "none"
     #: "flow" (flow matching, velocity) or "v_prediction" (DDPM)
     prediction: str = "flow"
     #: the model's input layout: "bcfhw" (Wan, HunyuanVideo) or "bfchw" (CogVideoX)

@@ -69,7 +69,6 @@ class CogVideoXAdapter(ModelAdapter):
     model_class_paths = ("diffusers.models.transformers.cogvideox_transformer_3d:CogVideoXTransformer3DModel",)
     stock_processor_paths = ("diffusers.models.attention_processor:CogVideoXAttnProcessor2_0",
                              "diffusers.models.attention_processor:FusedCogVideoXAttnProcessor2_0")
-    text_layout = "first"
     prediction = "v_prediction"
     input_layout = "bfchw"
     supports_context_parallel = False  # diffusers has no _cp_plan for CogVideoX

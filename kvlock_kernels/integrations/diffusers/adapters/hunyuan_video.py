@@ -76,7 +76,6 @@ class HunyuanVideoAdapter(ModelAdapter):
     family = "HunyuanVideo (HunyuanVideoTransformer3DModel)"
     model_class_paths = ("diffusers.models.transformers.transformer_hunyuan_video:HunyuanVideoTransformer3DModel",)
     stock_processor_paths = ("diffusers.models.transformers.transformer_hunyuan_video:HunyuanVideoAttnProcessor2_0",)
-    text_layout = "last"
     prediction = "flow"
     input_layout = "bcfhw"
     model_attention_mask = True

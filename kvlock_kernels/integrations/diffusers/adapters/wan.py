@@ -26,6 +26,7 @@ import functools
 
 import torch
 
+from ...._validate import describe
 from ..processors import KVLockProcessor, norm_spec
 from .base import LoopContext, ModelAdapter, _batched
 
@@ -77,7 +78,6 @@ class WanAdapter(ModelAdapter):
     family = "Wan (WanTransformer3DModel: Wan2.1 T2V/I2V, Wan2.2 A14B, Wan2.2 TI2V-5B)"
     model_class_paths = ("diffusers.models.transformers.transformer_wan:WanTransformer3DModel",)
     stock_processor_paths = ("diffusers.models.transformers.transformer_wan:WanAttnProcessor",)
-    text_layout = "none"
     prediction = "flow"
     input_layout = "bcfhw"
     supports_context_parallel = True
@@ -133,7 +133,7 @@ class WanAdapter(ModelAdapter):
                 raise ValueError("image_embeds given but this transformer has no image cross-attention "
                                  "(image_dim is None)")
             if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 3 or image_embeds.shape[0] != 1:
-                raise ValueError(f"image_embeds must be (1, N, {config.image_dim}), got {_shape(image_embeds)}")
+                raise ValueError(f"image_embeds must be (1, N, {config.image_dim}), got {describe(image_embeds)}")
         return LoopContext(condition=condition, image_embeds=image_embeds, expand_timesteps=bool(expand_timesteps),
                            first_frame_mask=first_frame_mask, transformer_kwargs=transformer_kwargs or {})
 
@@ -166,10 +166,6 @@ class WanAdapter(ModelAdapter):
 
     def finalize(self, latents, ctx):
         return self._apply_condition(latents, ctx)
-
-
-def _shape(x):
-    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def _check_like(name, x, shape, layout, like):
