@@ -14,23 +14,32 @@ from .common import attention_bytes, make_attention_inputs, roofline_percent, ti
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 
 
+def _lerp_blend(k, v, ks, vs, lock):
+    """The blend materialised: K' and V' as ``torch.lerp`` toward the source."""
+    w = lock[:, :, None, None].to(k.dtype)
+    return torch.lerp(k, ks, w), torch.lerp(v, vs, w)
+
+
 def unfused(q, k, v, ks, vs, lock):
     """What a pipeline does without this library: materialise the blend, then SDPA."""
-    w = lock[:, :, None, None].to(k.dtype)
-    kb, vb = torch.lerp(k, ks, w), torch.lerp(v, vs, w)
-    return F.scaled_dot_product_attention(q.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2)).transpose(1, 2)
+    return sdpa_ceiling(q, *_lerp_blend(k, v, ks, vs, lock))
 
 
 def sdpa_ceiling(q, k, v, *_):
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
+def _fused_triton(cuda):
+    """(callable or None, why unavailable) of the fused Triton kernel."""
+    if not cuda:
+        return None, "Triton needs a GPU (the interpreter checks correctness only)"
+    return (lambda *a: kv_lock_attention(*a, backend="triton", check_inputs=False)), ""
+
+
 def providers(device):
     """[(name, bytes kind, callable or None, why unavailable)] in report order."""
     cuda = device.type == "cuda"
-    rows = [("kvlock (Triton, fused)", "fused",
-             (lambda *a: kv_lock_attention(*a, backend="triton", check_inputs=False)) if cuda else None,
-             "" if cuda else "Triton needs a GPU (the interpreter checks correctness only)")]
+    rows = [("kvlock (Triton, fused)", "fused", *_fused_triton(cuda))]
     rows.append(("kvlock backend=torch", "unfused", lambda *a: kv_lock_attention(*a, backend="torch",
                                                                                  check_inputs=False), ""))
     rows.append(("unfused: lerp + SDPA", "unfused", unfused, ""))
@@ -48,8 +57,7 @@ def providers(device):
 
         def flex(q, k, v, ks, vs, lock):
             # score_mod cannot change K/V: the blend is materialised first.
-            w = lock[:, :, None, None].to(k.dtype)
-            kb, vb = torch.lerp(k, ks, w), torch.lerp(v, vs, w)
+            kb, vb = _lerp_blend(k, v, ks, vs, lock)
             return flex_compiled(q.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2)).transpose(1, 2)
 
         rows.append(("FlexAttention (blend materialised)", "unfused", flex, ""))
@@ -57,6 +65,18 @@ def providers(device):
         rows.append(("FlexAttention (blend materialised)", "unfused", None,
                      "compiled FlexAttention targets CUDA; on CPU it is an unfused reference"))
     return rows
+
+
+def _time_row(row, fn, why, inputs, device, repeats):
+    """``row`` with ``fn(*inputs)`` timed: status "ok" and median/min/max ms, "unavailable"
+    (no ``fn``) or "failed" (a provider failing on a shape is a result, not a crash)."""
+    if fn is None:
+        return dict(row, status=f"unavailable: {why}")
+    try:
+        med, lo, hi = time_fn(lambda: fn(*inputs), warmup=1, repeats=repeats, device=device)
+    except Exception as e:
+        return dict(row, status=f"failed: {type(e).__name__}: {e}"[:200])
+    return dict(row, status="ok", median_ms=med, min_ms=lo, max_ms=hi)
 
 
 def check(shape, dtype, device, backend) -> tuple[bool, str]:
@@ -102,33 +122,27 @@ def run(shapes, batches, fg_fractions, device, peaks, repeats, dtype=torch.bfloa
             for fg in fg_fractions:
                 inputs = make_attention_inputs(shape, dtype, device, fg_fraction=fg)
                 nbytes = attention_bytes(shape)
-                unfused_ms = None
+                group, unfused_ms = [], None
                 for name, kind, fn, why in providers(device):
                     row = dict(op="kv_lock_attention", shape=shape.name, batch=batch, seqlen=shape.seqlen,
                                heads=shape.heads, head_dim=shape.head_dim, fg=fg, provider=name)
-                    if fn is None:
-                        rows.append(dict(row, status=f"unavailable: {why}"))
-                        continue
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
-                    try:
-                        med, lo, hi = time_fn(lambda fn=fn, inputs=inputs: fn(*inputs), warmup=1, repeats=repeats,
-                                              device=device)
-                    except Exception as e:  # a provider failing on a shape is a result, not a crash
-                        rows.append(dict(row, status=f"failed: {type(e).__name__}: {e}"[:200]))
+                    row = _time_row(row, fn, why, inputs, device, repeats)
+                    group.append(row)
+                    if row["status"] != "ok":
                         continue
+                    med = row["median_ms"]
                     peak_mb = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None
                     if name.startswith("unfused"):
                         unfused_ms = med
-                    rows.append(dict(row, status="ok", median_ms=med, min_ms=lo, max_ms=hi,
-                                     tflops=shape.flops() / (med * 1e-3) / 1e12,
-                                     gbps=nbytes[kind] / (med * 1e-3) / 1e9,
-                                     roofline_pct=roofline_percent(shape.flops(), nbytes[kind], med * 1e-3, peaks),
-                                     peak_mem_mb=peak_mb, model_bytes=nbytes[kind]))
-                for r in rows:
-                    if r.get("status") == "ok" and r["shape"] == shape.name and r["batch"] == batch and \
-                            r["fg"] == fg and unfused_ms:
+                    row.update(tflops=shape.flops() / (med * 1e-3) / 1e12, gbps=nbytes[kind] / (med * 1e-3) / 1e9,
+                               roofline_pct=roofline_percent(shape.flops(), nbytes[kind], med * 1e-3, peaks),
+                               peak_mem_mb=peak_mb, model_bytes=nbytes[kind])
+                for r in group:
+                    if r["status"] == "ok" and unfused_ms:
                         r["vs_unfused"] = unfused_ms / r["median_ms"]
+                rows += group
     return rows
 
 
@@ -168,9 +182,7 @@ def path_providers(device, dtype, head_dim):
         ok = b in usable
         rows.append((f"blend + {b}", ("blend", b), _blend_then(blend, b) if ok else None, "" if ok else reasons[b]))
     cuda = device.type == "cuda"
-    rows.append(("fused (Triton)", ("fused", None),
-                 (lambda *a: kv_lock_attention(*a, backend="triton", check_inputs=False)) if cuda else None,
-                 "" if cuda else "Triton needs a GPU (the interpreter checks correctness only)"))
+    rows.append(("fused (Triton)", ("fused", None), *_fused_triton(cuda)))
     if cuda:
         rows.append(("kv_lock_attention auto", ("auto", None),
                      lambda *a: kv_lock_attention(*a, backend="auto", check_inputs=False), ""))
@@ -184,11 +196,10 @@ def _modelled_ms(kind, backend, dims, prof, blended, block_m):
     """The cost model's ms for one provider of the paths table (None for "auto": its
     route is printed beside the table)."""
     B, S, _, H, _, D, dtype = dims
-    b = "sdpa_" + routing.sdpa_kernel_kind(dtype, D) if backend == "sdpa" else backend
     if kind == "plain":
-        return routing.plain_time(b, *dims, prof) * 1e3
+        return routing.plain_time(backend, *dims, prof) * 1e3
     if kind == "blend":
-        return (routing.blend_time(B, S, H, D, dtype, prof) + routing.plain_time(b, *dims, prof)) * 1e3
+        return (routing.blend_time(B, S, H, D, dtype, prof) + routing.plain_time(backend, *dims, prof)) * 1e3
     if kind == "fused":
         return routing.fused_time(*dims, prof, blended_fraction=blended, block_m=block_m) * 1e3
     return None
@@ -222,18 +233,11 @@ def path_rows(shapes, alphas, device, peaks, repeats, *, fg=0.3, dtype=torch.bfl
                 row = dict(op="locked attention paths", shape=shape.name, batch=B, seqlen=S, heads=H, head_dim=D,
                            alpha=alpha, fg=fg, provider=name, kind=kind, backend=backend,
                            route=f"{route.path}/{route.plain_backend}", blended_fraction=blended)
-                if fn is None:
-                    group.append(dict(row, status=f"unavailable: {why}"))
-                    continue
-                try:
-                    med, lo, hi = time_fn(lambda fn=fn, inputs=inputs: fn(*inputs), warmup=1, repeats=repeats,
-                                          device=device)
-                except Exception as e:  # a provider failing on a shape is a result, not a crash
-                    group.append(dict(row, status=f"failed: {type(e).__name__}: {e}"[:200]))
-                    continue
-                model_ms = _modelled_ms(kind, backend, dims, prof, blended, bm) if cuda else None
-                group.append(dict(row, status="ok", median_ms=med, min_ms=lo, max_ms=hi, model_ms=model_ms,
-                                  tflops=shape.flops() / (med * 1e-3) / 1e12))
+                row = _time_row(row, fn, why, inputs, device, repeats)
+                group.append(row)
+                if row["status"] == "ok":
+                    row.update(model_ms=_modelled_ms(kind, backend, dims, prof, blended, bm) if cuda else None,
+                               tflops=shape.flops() / (row["median_ms"] * 1e-3) / 1e12)
             plain_ok = [r["median_ms"] for r in group if r["status"] == "ok" and r["kind"] == "plain"]
             for r in group:
                 if r["status"] == "ok" and plain_ok:

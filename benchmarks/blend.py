@@ -34,31 +34,31 @@ from kvlock_kernels.attention.epilogue import qkv_epilogue
 from kvlock_kernels.attention.lock_kv import lock_kv
 from kvlock_kernels.reference.epilogue import apply_norm, apply_rope
 
-from .common import COGVIDEOX_5B, HUNYUAN, WAN_1_3B, AttnShape, roofline_percent, time_fn
+from .common import COGVIDEOX_5B, HUNYUAN, WAN_1_3B, AttnShape, bytes_row, device_peaks, token_lock
 
-H100_BANDWIDTH = 3.35e12  # bytes/s, for the modelled times (benchmarks.common.DEVICE_PEAKS)
+H100_BANDWIDTH = device_peaks("H100")[1]  # bytes/s, for the modelled times
 BATCH = 3                 # cond, uncond and the in-batch source branch
 SOURCE_INDEX = 2
 
-# Model families: SPEC shape, norm kind, where RoPE runs, where the text tokens sit.
+# Model families: SPEC shape (its text tokens in front, or behind with text_last) and norm kind.
 FAMILIES = {
-    "wan": dict(shape=WAN_1_3B, norm="rms_across_heads", text="none"),
-    "cogvideox": dict(shape=COGVIDEOX_5B, norm="layer_per_head", text="first"),
-    "hunyuan": dict(shape=HUNYUAN, norm="rms_per_head", text="last"),
+    "wan": dict(shape=WAN_1_3B, norm="rms_across_heads"),
+    "cogvideox": dict(shape=COGVIDEOX_5B, norm="layer_per_head"),
+    "hunyuan": dict(shape=HUNYUAN, norm="rms_per_head"),
 }
 # CPU stand-ins: the same head layouts on a small token grid.
 CPU_SHAPES = {
     "wan": AttnShape("wan2.1-1.3B heads, 15x26 tokens (CPU)", BATCH, 1, 15, 26, 12, 128),
     "cogvideox": AttnShape("cogvideox-5B heads, 15x15 + text (CPU)", BATCH, 1, 15, 15, 48, 64, text_tokens=226),
-    "hunyuan": AttnShape("hunyuanvideo heads, 15x20 + text (CPU)", BATCH, 1, 15, 20, 24, 128, text_tokens=256),
+    "hunyuan": AttnShape("hunyuanvideo heads, 15x20 + text (CPU)", BATCH, 1, 15, 20, 24, 128, text_tokens=256,
+                         text_last=True),
 }
 
 
 # ----------------------------------------------------------------------------- inputs
-def _video_range(family: str, shape: AttnShape) -> tuple[int, int]:
+def _video_range(shape: AttnShape) -> tuple[int, int]:
     """(rope_start, S_rope): RoPE covers the video tokens."""
-    text = shape.text_tokens
-    return (text, shape.video_tokens) if FAMILIES[family]["text"] == "first" else (0, shape.video_tokens)
+    return (0 if shape.text_last else shape.text_tokens), shape.video_tokens
 
 
 def make_epilogue_inputs(family: str, shape: AttnShape, device, dtype=torch.bfloat16, *, alpha=0.7, fg=0.3,
@@ -76,7 +76,7 @@ def make_epilogue_inputs(family: str, shape: AttnShape, device, dtype=torch.bflo
     if norm == "layer_per_head":
         kw["norm_q_bias"], kw["norm_k_bias"] = ((0.1 * torch.randn(n, generator=g)).to(device, dtype)
                                                 for _ in range(2))
-    start, n_rope = _video_range(family, shape)
+    start, n_rope = _video_range(shape)
     angle = torch.rand(n_rope, D // 2, generator=g) * 2 * math.pi
     kw.update(rope_cos=angle.cos().repeat_interleave(2, -1).to(device),
               rope_sin=angle.sin().repeat_interleave(2, -1).to(device), rope_start=start)
@@ -111,11 +111,12 @@ def eager_lerp(k, v, lock, source_index):
 
 
 def make_lock_inputs(shape: AttnShape, device, dtype=torch.bfloat16, *, alpha=0.7, fg=0.3, seed=0):
+    """k, v (B, S, H, D) and a lock (S,) of weight alpha on a random ``1 - fg`` of the video
+    tokens (``common.token_lock``: 0 on text, in front or behind with ``text_last``)."""
     g = torch.Generator().manual_seed(seed)
     B, S, H, D = shape.batch, shape.seqlen, shape.heads, shape.head_dim
     k, v = (torch.randn(B, S, H, D, generator=g).to(device, dtype) for _ in range(2))
-    lock = torch.zeros(S)
-    lock[shape.text_tokens:] = alpha * (torch.rand(shape.video_tokens, generator=g) > fg).float()
+    lock = token_lock(shape, torch.rand(shape.video_tokens, generator=g) <= fg, alpha)
     return k, v, lock.to(device)
 
 
@@ -127,7 +128,7 @@ def checks(device) -> list[dict]:
     rows = []
     small = {"wan": AttnShape("wan-like", BATCH, 1, 3, 13, 2, 128),
              "cogvideox": AttnShape("cogvideox-like + text", BATCH, 1, 3, 9, 2, 64, text_tokens=7),
-             "hunyuan": AttnShape("hunyuan-like + text", BATCH, 1, 3, 9, 2, 72, text_tokens=5)}
+             "hunyuan": AttnShape("hunyuan-like + text", BATCH, 1, 3, 9, 2, 72, text_tokens=5, text_last=True)}
     if device.type == "cuda":
         small = {f: s for f, s in CPU_SHAPES.items()}
     for family, shape in small.items():
@@ -330,7 +331,7 @@ def _meta_epilogue_inputs(family, shape, dtype):
               norm_k_weight=torch.empty(n, dtype=dtype))
     if norm == "layer_per_head":
         kw.update(norm_q_bias=torch.empty(n, dtype=dtype), norm_k_bias=torch.empty(n, dtype=dtype))
-    start, n_rope = _video_range(family, shape)
+    start, n_rope = _video_range(shape)
     kw.update(rope_cos=torch.empty(n_rope, D), rope_sin=torch.empty(n_rope, D), rope_start=start,
               lock=torch.empty(S), source_index=SOURCE_INDEX)
     return q, k, v, kw
@@ -383,9 +384,6 @@ def model_rows() -> list[dict]:
             rows.append(dict(op="lock_kv", shape=label, design=design, gbytes=lb[key] / 1e9,
                              vs_fused=lb[key] / lb["fused"], h100_ms=lb[key] / H100_BANDWIDTH * 1e3, note=""))
     return rows
-
-
-bytes_model = model_rows
 
 
 # ----------------------------------------------------------------------------- timing
@@ -458,10 +456,7 @@ def _timed(op, label, providers, device, peaks, repeats):
             rows.append(dict(row, status="unavailable: the Triton kernel is timed on CUDA only", model_bytes=nbytes))
             continue
         with torch.no_grad():
-            med, lo, hi = time_fn(fn, warmup=1, repeats=repeats, device=device)
-        rows.append(dict(row, status="ok", median_ms=med, min_ms=lo, max_ms=hi, model_bytes=nbytes,
-                         gbps=nbytes / (med * 1e-3) / 1e9,
-                         roofline_pct=roofline_percent(0.0, nbytes, med * 1e-3, peaks)))
+            rows.append(bytes_row(row, fn, nbytes, device, peaks, repeats))
     return rows
 
 

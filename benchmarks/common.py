@@ -194,3 +194,11 @@ def time_fn(fn, *, warmup=2, repeats=5, device=torch.device("cpu")):
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times), min(times), max(times)
+
+
+def bytes_row(row: dict, fn, nbytes: float, device, peaks, repeats: int) -> dict:
+    """``row`` with ``fn()`` timed (status "ok", median/min/max ms) and its traffic against
+    the bytes model ``nbytes``: achieved GB/s and percent of the bandwidth roofline."""
+    med, lo, hi = time_fn(fn, warmup=1, repeats=repeats, device=device)
+    return dict(row, status="ok", median_ms=med, min_ms=lo, max_ms=hi, model_bytes=nbytes,
+                gbps=nbytes / (med * 1e-3) / 1e9, roofline_pct=roofline_percent(0.0, nbytes, med * 1e-3, peaks))

@@ -6,6 +6,8 @@ import torch
 
 from kvlock_kernels import branch_variance, cfg_zero_star_scale, kvlock_guidance, reference
 
+from .common import bytes_row, synced
+
 # Wan2.1-1.3B latents at 480x832x81: 16 channels x 21 frames x 60 x 104, batch 2.
 WAN_LATENT = (2, 16, 21, 60, 104)
 # Interpreter-sized stand-in with the same channel count.
@@ -131,22 +133,13 @@ def run_control_benchmark(benchmark, op: str, provider: str):
     t = make_control_inputs(WAN_LATENT, "cuda" if cuda else "cpu")
     fused, eager = fused_calls("triton" if provider == "kvlock_triton" else "torch")[op]
     call = eager if provider == "eager" else fused
-
-    def run():
-        out = call(t)
-        if cuda:
-            torch.cuda.synchronize()
-        return out
-
     benchmark.group = f"{op} {WAN_LATENT}"
-    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    benchmark.pedantic(synced(call), args=(t,), rounds=3, warmup_rounds=1)
 
 
 def run(device, peaks, repeats):
     """Rows for the three control ops at Wan2.1-1.3B latent size: our kernel (GPU), our
     CPU path, and the eager sequence, with the bytes model."""
-    from .common import roofline_percent, time_fn
-
     cuda = device.type == "cuda"
     t = make_control_inputs(WAN_LATENT, device)
     model = bytes_moved(WAN_LATENT)
@@ -165,13 +158,10 @@ def run(device, peaks, repeats):
             if fn is None:
                 rows.append(dict(row, status="unavailable: Triton needs a GPU"))
                 continue
-            med, lo, hi = time_fn(lambda fn=fn: fn(t), warmup=1, repeats=repeats, device=device)
-            rows.append(dict(row, status="ok", median_ms=med, min_ms=lo, max_ms=hi, model_bytes=nbytes,
-                             gbps=nbytes / (med * 1e-3) / 1e9,
-                             roofline_pct=roofline_percent(0.0, nbytes, med * 1e-3, peaks),
+            rows.append(dict(bytes_row(row, lambda fn=fn: fn(t), nbytes, device, peaks, repeats),
                              model_ratio=eager_b / fused_b))
             if provider == "eager PyTorch":
-                eager_ms = med
+                eager_ms = rows[-1]["median_ms"]
         for r in rows:
             if r["op"] == name and r.get("status") == "ok":
                 r["vs_eager"] = eager_ms / r["median_ms"]

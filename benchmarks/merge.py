@@ -5,7 +5,7 @@ import torch
 
 from kvlock_kernels import merge_attention_states, reference
 
-from .common import roofline_percent, time_fn
+from .common import bytes_row
 
 
 def make_merge_inputs(B, S, H, D, device, dtype=torch.bfloat16, seed=0):
@@ -60,8 +60,5 @@ def run(shape, device, peaks, repeats):
         if fn is None:
             rows.append(dict(row, status="unavailable: Triton needs a GPU"))
             continue
-        med, lo, hi = time_fn(fn, warmup=1, repeats=repeats, device=device)
-        rows.append(dict(row, status="ok", median_ms=med, min_ms=lo, max_ms=hi, model_bytes=nbytes,
-                         gbps=nbytes / (med * 1e-3) / 1e9,
-                         roofline_pct=roofline_percent(0.0, nbytes, med * 1e-3, peaks)))
+        rows.append(bytes_row(row, fn, nbytes, device, peaks, repeats))
     return rows, eager_b / fused_b

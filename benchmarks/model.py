@@ -113,8 +113,7 @@ def layer_row(spec: ModelSpec, batch: int, alpha: float, fg: float, *,
     classes = block_classes(lock, bn)
     blended = sum(c["const"] + c["mixed"] for c in classes) / batch  # mean over entries
     dims = (batch, S, S, H, H, D, DTYPE)
-    sdpa = "sdpa_" + routing.sdpa_kernel_kind(DTYPE, D)
-    plain = {b: routing.plain_time(sdpa if b == "sdpa" else b, *dims, prof) * 1e3 for b in routing.PLAIN_BACKENDS}
+    plain = {b: routing.plain_time(b, *dims, prof) * 1e3 for b in routing.PLAIN_BACKENDS}
     blend = routing.blend_time(batch, S, H, D, DTYPE, prof, source_shared=True) * 1e3
     fused_new = routing.fused_time(*dims, prof, blended_fraction=blended, block_m=bm) * 1e3
     # The old design: the same kernel efficiency, tensor work 1 + (constant or mixed blocks).

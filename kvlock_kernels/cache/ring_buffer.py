@@ -372,7 +372,7 @@ class KVRingBuffer:
         try:
             return tuple(self._impl.pop(step, layer))
         except IndexError as exc:
-            raise KeyError(f"key {(step, layer)} is not in the ring buffer") from exc
+            raise _key_error(exc, f"key {(step, layer)} is not in the ring buffer") from exc
 
     def discard(self, key) -> None:
         """Remove key without returning anything (no copy): after the last use of an
@@ -382,7 +382,7 @@ class KVRingBuffer:
         try:
             self._impl.discard(step, layer)
         except IndexError as exc:
-            raise KeyError(f"key {(step, layer)} is not in the ring buffer") from exc
+            raise _key_error(exc, f"key {(step, layer)} is not in the ring buffer") from exc
 
     def is_resident(self, key) -> bool:
         """True when key currently holds a device slot."""

@@ -31,7 +31,6 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from .._utils import host_checks_allowed
 from .._validate import (
     MASK_DTYPES,
     check_bool,
@@ -215,8 +214,7 @@ def lock_weights(token_fg_mask: torch.Tensor, alpha, *, check_inputs: bool = Tru
             raise ValueError(f"alpha must be on token_fg_mask's device {token_fg_mask.device}, got {alpha.device}")
     m = _as_float(token_fg_mask).to(torch.float32)
     if isinstance(alpha, torch.Tensor):
-        if check_inputs and host_checks_allowed():
-            check_values_in_range("alpha", alpha, low=0.0, high=1.0)
+        check_values_in_range("alpha", alpha, low=0.0, high=1.0, check_values=check_inputs)
         alpha = alpha.to(torch.float32).clamp(0.0, 1.0)
     elif isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
         alpha = float(alpha)
